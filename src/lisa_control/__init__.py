@@ -1,0 +1,30 @@
+"""lisa-control: train visual-condition side networks for frozen diffusion and flow models."""
+
+from .branches import Context, DualBranch, Prediction, UNetControlNetBranch
+from .errors import CheckpointError, ConfigError, DataError, LisaError, ModelError
+from .objectives import DiffusionObjective, RectifiedFlowObjective, make_objective
+from .regularizers import LikelihoodScoreAlignment, Regularizer, ScoreDecoder, StepState
+from .step import ControlTrainingStep, StepOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Context",
+    "ControlTrainingStep",
+    "DataError",
+    "DiffusionObjective",
+    "DualBranch",
+    "LikelihoodScoreAlignment",
+    "LisaError",
+    "ModelError",
+    "Prediction",
+    "RectifiedFlowObjective",
+    "Regularizer",
+    "ScoreDecoder",
+    "StepOutput",
+    "StepState",
+    "UNetControlNetBranch",
+    "make_objective",
+]

@@ -1,0 +1,135 @@
+"""diffusers ``UNet2DConditionModel`` (main) + ``ControlNetModel`` (side): SD1.x, SD2.x, SDXL.
+
+The ControlNet reads (x_t, t, text, condition) and returns one residual per UNet skip connection
+plus one for the mid block; the UNet adds them. The prior is the same UNet call without them.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from ..errors import ModelError
+from .base import Context, DualBranch, Prediction
+
+# Config keys that must agree between a UNet and a ControlNet meant to drive it.
+_MATCHING_KEYS = (
+    "in_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "down_block_types",
+    "addition_embed_type",
+)
+
+
+def check_side_fits_main(unet: UNet2DConditionModel, controlnet: ControlNetModel) -> None:
+    """Refuse a ControlNet that was not built for this UNet, naming the first mismatch."""
+    for key in _MATCHING_KEYS:
+        a, b = unet.config.get(key), controlnet.config.get(key)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        if a != b:
+            raise ModelError(
+                f"the side network does not fit the main network: {key} is {b!r} in the "
+                f"ControlNet but {a!r} in the UNet. Build the side network from this UNet "
+                "(omit --controlnet_model_name_or_path, or use ControlNetModel.from_unet)."
+            )
+
+
+# The condition encoder halves resolution once per entry after the first: diffusers' default
+# for SD (8x) and shallower stacks for models whose condition is at sample resolution.
+CONDITION_EMBEDDING_CHANNELS = {1: (32,), 2: (16, 32), 4: (16, 32, 96), 8: (16, 32, 96, 256)}
+
+
+class UNetControlNetBranch(DualBranch):
+    main_network: UNet2DConditionModel
+    side_network: ControlNetModel
+
+    def __init__(self, main_network: UNet2DConditionModel, side_network: ControlNetModel):
+        check_side_fits_main(main_network, side_network)
+        super().__init__(main_network, side_network)
+
+    @classmethod
+    def from_main(
+        cls,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel | None = None,
+        conditioning_channels: int = 3,
+        condition_downscale: int = 8,
+    ) -> UNetControlNetBranch:
+        """Wrap ``unet``; with no ``controlnet``, make one from the UNet's weights (the paper's
+        and diffusers' initialisation).
+
+        ``condition_downscale`` is the ratio of condition to sample resolution: 8 for SD latents
+        (512 px condition, 64 latent), 1 for pixel-space models.
+        """
+        if controlnet is None:
+            if condition_downscale not in CONDITION_EMBEDDING_CHANNELS:
+                raise ModelError(
+                    f"condition_downscale must be one of {sorted(CONDITION_EMBEDDING_CHANNELS)}, "
+                    f"got {condition_downscale!r}."
+                )
+            controlnet = ControlNetModel.from_unet(
+                unet,
+                conditioning_channels=conditioning_channels,
+                conditioning_embedding_out_channels=CONDITION_EMBEDDING_CHANNELS[
+                    condition_downscale
+                ],
+            )
+        return cls(unet, controlnet)
+
+    @property
+    def condition_channels(self) -> int:
+        return self.side_network.config.conditioning_channels
+
+    def _main_kwargs(self, context: Context, dtype):
+        ctx = context.to(dtype=dtype)
+        return dict(
+            encoder_hidden_states=ctx.encoder_hidden_states,
+            added_cond_kwargs=ctx.added_cond_kwargs,
+        )
+
+    def side_residuals(self, x_t, timesteps, context: Context, condition, conditioning_scale=1.0):
+        side_dtype = self.side_network.dtype
+        down, mid = self.side_network(
+            x_t.to(side_dtype),
+            timesteps,
+            controlnet_cond=condition.to(side_dtype),
+            conditioning_scale=conditioning_scale,
+            return_dict=False,
+            **self._main_kwargs(context, side_dtype),
+        )
+        return down, mid
+
+    def forward(
+        self, x_t, timesteps, context: Context, condition, with_prior=False, conditioning_scale=1.0
+    ) -> Prediction:
+        if condition.shape[1] != self.condition_channels:
+            raise ModelError(
+                f"the condition has {condition.shape[1]} channels but the side network expects "
+                f"{self.condition_channels}; convert the condition images or build the side "
+                f"network with conditioning_channels={condition.shape[1]}."
+            )
+        down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
+        main_dtype = self.main_network.dtype
+        output = self.main_network(
+            x_t.to(main_dtype),
+            timesteps,
+            down_block_additional_residuals=[r.to(main_dtype) for r in down],
+            mid_block_additional_residual=mid.to(main_dtype),
+            return_dict=False,
+            **self._main_kwargs(context, main_dtype),
+        )[0]
+        prior = self.prior(x_t, timesteps, context) if with_prior else None
+        return Prediction(output=output, prior=prior)
+
+    @torch.no_grad()
+    def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
+        main_dtype = self.main_network.dtype
+        return self.main_network(
+            x_t.to(main_dtype),
+            timesteps,
+            return_dict=False,
+            **self._main_kwargs(context, main_dtype),
+        )[0]

@@ -1,0 +1,65 @@
+"""Score decoders: light heads that map a side-network feature and the timestep to the main
+network's prediction space. LISA trains one beside the side network and drops it afterwards."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import LayerRef
+from .objectives import sinusoidal_embedding
+
+
+class ScoreDecoder(nn.Module):
+    """Maps a side-network feature map (C, H, W) and timestep to the prediction space.
+
+    time: sinusoidal(256) -> Linear(256, C) -> SiLU, added to the feature; then per x2 stage a
+    conv to max(C/2, 64) channels (1x1 when C >= 512, else 3x3) + SiLU + nearest upsample (one
+    such conv without upsampling when no stage is needed); last a zero-initialised 3x3 conv.
+    """
+
+    time_embed_dim = 256
+
+    def __init__(self, in_channels: int, out_channels: int, upsample_stages: int):
+        super().__init__()
+        self.time_proj = nn.Linear(self.time_embed_dim, in_channels)
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(max(upsample_stages, 1)):
+            width = max(channels // 2, 64)
+            kernel = 1 if channels >= 512 else 3
+            layers += [nn.Conv2d(channels, width, kernel, padding=kernel // 2), nn.SiLU()]
+            if upsample_stages > 0:
+                layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        # Zero init: the decoder starts as the zero map, so step one's aux loss is |r|^2 and the
+        # side network is not pushed by a random head.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feature: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        emb = sinusoidal_embedding(timesteps.reshape(-1), self.time_embed_dim)
+        emb = F.silu(self.time_proj(emb.to(self.time_proj.weight.dtype)))
+        h = feature.to(emb.dtype) + emb[:, :, None, None]
+        return self.out(self.body(h))
+
+
+def controlnet_feature_shape(side_network: nn.Module, ref: LayerRef, sample_size: int):
+    """(channels, spatial size) of the input of one zero projection of a UNet ControlNet,
+    computed from its config so the decoder's size is known before any forward pass."""
+    channels = ref.module.in_channels
+    blocks = side_network.down_blocks
+    scale = 1
+    order = [scale]  # conv_in
+    for block in blocks:
+        order += [scale] * len(block.resnets)
+        if getattr(block, "downsamplers", None) is not None:
+            scale *= 2
+            order.append(scale)
+    if ref.name == "mid":
+        return channels, sample_size // scale
+    index = int(ref.name.split("_")[1])
+    return channels, sample_size // order[index]

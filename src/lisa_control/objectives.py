@@ -1,0 +1,226 @@
+"""Training objectives: how a clean sample is noised, what the network should predict, and what
+that prediction says about the score.
+
+Variance-preserving diffusion (DDPM schedulers), with alpha_t = sqrt(abar_t) and
+sigma_t = sqrt(1 - abar_t):
+
+    x_t = alpha_t x0 + sigma_t eps
+    eps-prediction target: eps                      score: grad log p(x_t) = -eps / sigma_t
+    v-prediction target:   v = alpha_t eps - sigma_t x0,   eps = sigma_t x_t + alpha_t v
+
+Rectified flow with s in [0, 1] (timestep = 1000 s, as diffusers' flow-matching models take it):
+
+    x_s = (1 - s) x0 + s eps,   velocity target u = eps - x0
+    eps-hat = x_s + (1 - s) u,  score = -eps-hat / s
+
+Every target is affine in the score with an x_t-only offset, so by Bayes
+(grad log p(x_t | c) = grad log p(x_t) + grad log p(c | x_t)) the residual between the controlled
+and the prior prediction is a rescaled likelihood score:
+
+    eps-prediction:  eps_cond - eps_prior = -sigma_t            grad log p(c | x_t)
+    v-prediction:    v_cond   - v_prior   = -(sigma_t / alpha_t) grad log p(c | x_t)
+    rectified flow:  u_cond   - u_prior   = -(s / (1 - s))       grad log p(c | x_s)
+
+LISA regresses exactly that residual (see ``regularizers.lisa``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+# ----------------------------------------------------------------------------- timestep samplers
+
+
+def uniform_timesteps(batch: int, num_timesteps: int, generator=None, device=None) -> torch.Tensor:
+    """t ~ U{0, ..., T-1}: the DDPM and LISA recipe."""
+    return torch.randint(0, num_timesteps, (batch,), generator=generator, device=device)
+
+
+def logit_normal_timesteps(
+    batch: int, num_timesteps: int, generator=None, device=None, mean: float = 0.0, std: float = 1.0
+) -> torch.Tensor:
+    """t = T * sigmoid(n), n ~ N(mean, std): SD3's default, concentrates on mid noise levels."""
+    n = torch.randn(batch, generator=generator, device=device) * std + mean
+    return (torch.sigmoid(n) * num_timesteps).long().clamp_(0, num_timesteps - 1)
+
+
+def cubic_timesteps(batch: int, num_timesteps: int, generator=None, device=None) -> torch.Tensor:
+    """t = T (1 - u^3), u ~ U[0, 1): T2I-Adapter's choice, favours the noisy early steps where
+    structure is decided."""
+    u = torch.rand(batch, generator=generator, device=device)
+    return ((1 - u**3) * num_timesteps).long().clamp_(0, num_timesteps - 1)
+
+
+TIMESTEP_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "uniform": uniform_timesteps,
+    "logit_normal": logit_normal_timesteps,
+    "cubic": cubic_timesteps,
+}
+
+
+def get_timestep_sampler(name: str) -> Callable[..., torch.Tensor]:
+    try:
+        return TIMESTEP_SAMPLERS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown timestep sampler {name!r}; choose one of {sorted(TIMESTEP_SAMPLERS)}."
+        ) from None
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+@dataclass
+class NoisedBatch:
+    """One draw of the forward process for a batch of clean samples."""
+
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    target: torch.Tensor
+
+
+class Objective:
+    """Interface: ``sample`` draws (x_t, t, target), ``loss`` compares a prediction to it,
+    ``score`` turns a prediction into grad log p(x_t)."""
+
+    prediction_type: str = ""
+    num_timesteps: int = 1000
+
+    def sample(self, x0: torch.Tensor, generator=None, noise=None, timesteps=None) -> NoisedBatch:
+        raise NotImplementedError
+
+    def loss(self, prediction: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
+        """Plain MSE in fp32, as the diffusers ControlNet scripts and the LISA authors use."""
+        return F.mse_loss(prediction.float(), batch.target.float(), reduction="mean")
+
+    def score(self, prediction: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor):
+        raise NotImplementedError
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class DiffusionObjective(Objective):
+    """eps- or v-prediction over a diffusers DDPM-family scheduler (``alphas_cumprod``)."""
+
+    def __init__(self, scheduler, prediction_type: str | None = None, timestep_sampler="uniform"):
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise ConfigError(
+                f"{type(scheduler).__name__} has no alphas_cumprod; use a DDPM-family scheduler "
+                "for diffusion objectives or RectifiedFlowObjective for flow models."
+            )
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type or scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(
+                f"prediction_type {self.prediction_type!r} is not supported; "
+                "use 'epsilon' or 'v_prediction'."
+            )
+        self.num_timesteps = scheduler.config.num_train_timesteps
+        self.timestep_sampler = (
+            get_timestep_sampler(timestep_sampler)
+            if isinstance(timestep_sampler, str)
+            else timestep_sampler
+        )
+
+    def alpha_sigma(self, timesteps: torch.Tensor, like: torch.Tensor):
+        abar = self.scheduler.alphas_cumprod.to(like.device)[timesteps.to(like.device)]
+        return _broadcast(abar.sqrt(), like), _broadcast((1 - abar).sqrt(), like)
+
+    def sample(self, x0, generator=None, noise=None, timesteps=None) -> NoisedBatch:
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if timesteps is None:
+            timesteps = self.timestep_sampler(
+                x0.shape[0], self.num_timesteps, generator=generator, device=x0.device
+            )
+        timesteps = timesteps.long()
+        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.scheduler.get_velocity(x0, noise, timesteps)
+        return NoisedBatch(x_t=x_t, timesteps=timesteps, noise=noise, target=target)
+
+    def predicted_noise(self, prediction, x_t, timesteps):
+        if self.prediction_type == "epsilon":
+            return prediction
+        alpha, sigma = self.alpha_sigma(timesteps, x_t)
+        return sigma * x_t.float() + alpha * prediction.float()
+
+    def score(self, prediction, x_t, timesteps):
+        """grad_x log p(x_t) = -eps / sigma_t."""
+        _, sigma = self.alpha_sigma(timesteps, x_t)
+        return -self.predicted_noise(prediction, x_t, timesteps).float() / sigma
+
+
+class RectifiedFlowObjective(Objective):
+    """Rectified flow: x_s = (1 - s) x0 + s eps, target u = eps - x0, timestep = 1000 s."""
+
+    prediction_type = "flow"
+
+    def __init__(self, timestep_sampler="logit_normal", num_timesteps: int = 1000):
+        self.num_timesteps = num_timesteps
+        self.timestep_sampler = (
+            get_timestep_sampler(timestep_sampler)
+            if isinstance(timestep_sampler, str)
+            else timestep_sampler
+        )
+
+    def sigmas(self, timesteps, like):
+        return _broadcast(timesteps.float() / self.num_timesteps, like)
+
+    def sample(self, x0, generator=None, noise=None, timesteps=None) -> NoisedBatch:
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if timesteps is None:
+            # Continuous s drawn through the integer sampler's law, then jittered so s covers
+            # (0, 1) rather than a grid.
+            steps = self.timestep_sampler(
+                x0.shape[0], self.num_timesteps, generator=generator, device=x0.device
+            ).float()
+            jitter = torch.rand(x0.shape[0], generator=generator, device=x0.device)
+            timesteps = (steps + jitter).clamp_(1e-3, self.num_timesteps - 1e-3)
+        s = self.sigmas(timesteps, x0).to(x0.dtype)
+        x_t = (1 - s) * x0 + s * noise
+        return NoisedBatch(x_t=x_t, timesteps=timesteps, noise=noise, target=noise - x0)
+
+    def score(self, prediction, x_t, timesteps):
+        s = self.sigmas(timesteps, x_t).clamp_min(1e-4)
+        eps = x_t.float() + (1 - s) * prediction.float()
+        return -eps / s
+
+
+def make_objective(name: str, scheduler=None, timestep_sampler: str | None = None) -> Objective:
+    """Build an objective by name: 'epsilon', 'v_prediction' or 'flow'."""
+    if name == "flow":
+        return RectifiedFlowObjective(timestep_sampler=timestep_sampler or "logit_normal")
+    if name in ("epsilon", "v_prediction"):
+        if scheduler is None:
+            from diffusers import DDPMScheduler
+
+            scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=name)
+        return DiffusionObjective(scheduler, name, timestep_sampler=timestep_sampler or "uniform")
+    raise ConfigError(f"unknown objective {name!r}; use 'epsilon', 'v_prediction' or 'flow'.")
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """The transformer/DDPM sinusoidal embedding [cos | sin] of (possibly fractional) timesteps."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / half
+    )
+    angles = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb

@@ -1,0 +1,158 @@
+"""LISA: Likelihood Score Alignment.
+
+The main network alone predicts the prior y_prior(x_t, t); with the side network's residuals it
+predicts y(x_t, t, c). Their difference is a rescaled likelihood score grad log p(c | x_t) (see
+``objectives``). LISA asks the side network to carry that score explicitly: a light decoder D
+reads the side network's feature h at one layer and is trained, with the side network, on
+
+    L_LISA = lambda * || D(h, t) - stopgrad(y_target - y_prior) ||^2        (mean over elements)
+
+where y_target is the ordinary training target (noise, v or velocity). The target uses the
+ground-truth y_target rather than the controlled prediction, so it is the residual the side
+network *should* supply, available from step one. The decoder is dropped after training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..decoders import ScoreDecoder, controlnet_feature_shape
+from ..errors import ConfigError
+from ..hooks import FeatureHook, default_layer, resolve_layer
+from .base import Regularizer, RegularizerOutput, StepState
+
+
+class LikelihoodScoreAlignment(Regularizer):
+    """The LISA regularizer. Its parameters are exactly the :class:`ScoreDecoder`'s.
+
+    Args:
+        side_network: the trainable side network (a diffusers ``ControlNetModel`` or any module).
+        layer: ``down_k`` / ``mid`` (input of that zero conv) or a module path; default
+            ``down_5`` when the network has it.
+        out_channels: channels of the main network's prediction (4 for SD latents).
+        sample_size: spatial size of the prediction (64 for SD2.1-base at 512 px).
+        weight: lambda, 0.2 in the paper.
+        distance: ``mse`` (the paper) or ``cosine`` (1 - per-pixel cosine over channels).
+        timestep_range: apply the loss only to samples with lo <= t < hi.
+        feature_channels / feature_size: needed only for a module-path layer whose shape cannot
+            be read from the config.
+        decoder: a ready decoder ``decoder(feature, timesteps) -> prediction-shaped tensor``
+            (token decoders for transformer side networks); by default a :class:`ScoreDecoder`
+            sized from a UNet ControlNet's config.
+        optimizer_check_after: raise if the decoder holds gradients but was not updated for this
+            many consecutive steps (the optimizer was not given its parameters).
+    """
+
+    name = "lisa"
+    needs_prior = True
+
+    def __init__(
+        self,
+        side_network: nn.Module,
+        layer: str | None = None,
+        out_channels: int = 4,
+        sample_size: int = 64,
+        weight: float = 0.2,
+        distance: str = "mse",
+        timestep_range: tuple[float, float] | None = None,
+        feature_channels: int | None = None,
+        feature_size: int | None = None,
+        decoder: nn.Module | None = None,
+        optimizer_check_after: int = 64,
+    ):
+        super().__init__()
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"LISA weight must be a number, got {weight!r}.")
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"LISA weight must be a finite number >= 0, got {weight!r}.")
+        if distance not in ("mse", "cosine"):
+            raise ConfigError(f"LISA distance must be 'mse' or 'cosine', got {distance!r}.")
+        layer = layer or default_layer(side_network)
+        ref = resolve_layer(side_network, layer)
+        self.layer = layer
+        self.weight = float(weight)
+        self.distance = distance
+        self.timestep_range = timestep_range
+        self.decoder = decoder if decoder is not None else self._unet_decoder(
+            side_network, ref, out_channels, sample_size, feature_channels, feature_size
+        )
+        # Held outside the module tree: the side network's weights are not LISA's parameters.
+        self._hook = FeatureHook(ref)
+        self._optimizer_check_after = optimizer_check_after
+        self._stale_steps = 0
+        self._last_version = None
+
+    @staticmethod
+    def _unet_decoder(side_network, ref, out_channels, sample_size, feature_channels, feature_size):
+        layer = ref.name
+        if feature_channels is None or feature_size is None:
+            if not ref.reads_input or not hasattr(side_network, "down_blocks"):
+                raise ConfigError(
+                    f"cannot infer the feature shape at layer {layer!r}; pass "
+                    "feature_channels= and feature_size= (the hooked tensor's C and H)."
+                )
+            feature_channels, feature_size = controlnet_feature_shape(
+                side_network, ref, sample_size
+            )
+        stages = sample_size / feature_size
+        if stages < 1 or stages != 2 ** round(math.log2(stages)):
+            raise ConfigError(
+                f"layer {layer!r} has spatial size {feature_size}, which does not reach "
+                f"sample_size {sample_size} by x2 upsampling; pick another layer."
+            )
+        return ScoreDecoder(feature_channels, out_channels, round(math.log2(stages)))
+
+    def remove_hooks(self) -> None:
+        self._hook.remove()
+
+    def _check_decoder_is_trained(self) -> None:
+        weight = self.decoder.out.weight
+        if not weight.requires_grad or self._optimizer_check_after <= 0:
+            return
+        if weight.grad is not None and weight._version == self._last_version:
+            self._stale_steps += 1
+        else:
+            self._stale_steps = 0
+        self._last_version = weight._version
+        if self._stale_steps >= self._optimizer_check_after:
+            raise ConfigError(
+                f"the LISA decoder has received gradients for {self._stale_steps} steps but its "
+                "weights never changed: its parameters are not in the optimizer. Use "
+                "AdamW([*side_network.parameters(), *lisa.parameters()])."
+            )
+
+    def aux_target(self, state: StepState) -> torch.Tensor:
+        if state.prediction.prior is None:
+            raise RuntimeError(
+                "LISA needs the prior prediction: call the branch with with_prior=True."
+            )
+        return (state.noised.target.float() - state.prediction.prior.float()).detach()
+
+    def loss(self, state: StepState) -> RegularizerOutput:
+        self._check_decoder_is_trained()
+        feature = self._hook.pop()
+        target = self.aux_target(state)
+        decoded = self.decoder(feature, state.noised.timesteps).float()
+        if self.distance == "mse":
+            per_sample = (decoded - target).pow(2).flatten(1).mean(1)
+        else:
+            cosine = F.cosine_similarity(decoded, target, dim=1, eps=1e-6)
+            per_sample = (1 - cosine).flatten(1).mean(1)
+        target_norm = target.pow(2).mean()
+        if self.timestep_range is not None:
+            lo, hi = self.timestep_range
+            t = state.noised.timesteps.float()
+            mask = ((t >= lo) & (t < hi)).float()
+            aux = (per_sample * mask).sum() / mask.sum().clamp_min(1.0)
+        else:
+            aux = per_sample.mean()
+        logs = {
+            "aux_loss": aux.detach(),
+            "aux_target_norm": target_norm.detach(),
+            "aux_loss_ratio": (aux.detach() / target_norm.detach().clamp_min(1e-12)),
+        }
+        return RegularizerOutput(loss=self.weight * aux, logs=logs)

@@ -1,0 +1,72 @@
+"""One training step of a dual-branch model as a single module, so that every caller (the CLI
+trainer, a user's own loop, the benchmarks, DDP through accelerate) computes the same loss.
+
+    loss = objective.loss(y(x_t, t, c), y_target) + sum_r r.loss(step state)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .branches.base import Context, DualBranch
+from .objectives import Objective
+from .regularizers.base import Regularizer, StepState
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ControlTrainingStep(nn.Module):
+    """Side network + regularizers behind one ``forward``; the frozen main network rides along.
+
+    Wrapping this module (not the side network alone) in DDP keeps the side network's and every
+    regularizer's gradients in one all-reduce.
+    """
+
+    def __init__(
+        self, branch: DualBranch, objective: Objective, regularizers: list[Regularizer] = ()
+    ):
+        super().__init__()
+        self.branch = branch
+        self.objective = objective
+        self.regularizers = nn.ModuleList(regularizers)
+
+    @property
+    def needs_prior(self) -> bool:
+        return any(r.needs_prior for r in self.regularizers)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        context: Context,
+        condition: torch.Tensor,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> StepOutput:
+        noised = self.objective.sample(x0, generator=generator, noise=noise, timesteps=timesteps)
+        prediction = self.branch(
+            noised.x_t, noised.timesteps, context, condition, with_prior=self.needs_prior
+        )
+        diffusion = self.objective.loss(prediction.output, noised)
+        logs = {"diffusion_loss": diffusion.detach()}
+        total = diffusion
+        state = StepState(noised=noised, prediction=prediction, objective=self.objective, step=step)
+        for reg in self.regularizers:
+            out = reg(state)
+            total = total + out.loss
+            prefix = "" if len(self.regularizers) == 1 else f"{reg.name}/"
+            logs[f"{prefix}{reg.name}_loss"] = out.loss.detach()
+            logs.update({f"{prefix}{k}": v for k, v in out.logs.items()})
+        logs["loss"] = total.detach()
+        return StepOutput(loss=total, logs=logs)
