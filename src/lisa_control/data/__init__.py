@@ -1,0 +1,2 @@
+"""Training data: image/condition/caption datasets and the procedural tasks of the embedded
+default."""
