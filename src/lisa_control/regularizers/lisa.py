@@ -77,8 +77,12 @@ class LikelihoodScoreAlignment(Regularizer):
         self.weight = float(weight)
         self.distance = distance
         self.timestep_range = timestep_range
-        self.decoder = decoder if decoder is not None else self._unet_decoder(
-            side_network, ref, out_channels, sample_size, feature_channels, feature_size
+        self.decoder = (
+            decoder
+            if decoder is not None
+            else self._unet_decoder(
+                side_network, ref, out_channels, sample_size, feature_channels, feature_size
+            )
         )
         # Held outside the module tree: the side network's weights are not LISA's parameters.
         self._hook = FeatureHook(ref)

@@ -1,0 +1,195 @@
+"""Checkpoints that are complete or absent.
+
+``checkpoint-N/`` holds the side network as a plain diffusers folder, the regularizers' weights
+(the LISA decoder) apart, the optimizer and LR-scheduler states, every RNG state and the trainer
+state (step, data position, config fingerprint). It is written under a temporary name, flushed
+to disk and renamed, so a kill at any moment leaves either the whole checkpoint or none; the
+trainer state is written last and is what marks a folder complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+SIDE_DIR = "side_network"
+REGULARIZERS_FILE = "regularizers.safetensors"
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")) + [root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in step order (a folder without its trainer state is ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.glob(f"{PREFIX}*"):
+        suffix = path.name[len(PREFIX) :]
+        if suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume_path(output_dir: str | Path, resume_from: str) -> Path | None:
+    """``latest`` -> newest complete checkpoint (None if there is none); else the given path."""
+    if resume_from == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume_from)
+    if not path.is_absolute() and not path.exists():
+        path = Path(output_dir) / resume_from
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{resume_from!r} is not a complete checkpoint (no {STATE_FILE}); pass 'latest' or "
+            f"a {PREFIX}N folder of --output_dir."
+        )
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_meta": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, pos, has_gauss, gauss = state["numpy_meta"]
+    np.random.set_state(
+        (name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
+    version, internal, gauss_next = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    side_network,
+    regularizers: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    trainer_state: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    total_limit: int | None = None,
+) -> Path:
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step}"
+    tmp = root / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    side_network.save_pretrained(str(tmp / SIDE_DIR), safe_serialization=True)
+    reg_state = {k: v.detach().contiguous().cpu() for k, v in regularizers.state_dict().items()}
+    save_file(reg_state, str(tmp / REGULARIZERS_FILE))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+    for rank, state in enumerate(rng_states):
+        torch.save(state, tmp / f"rng_{rank}.pt")
+    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():
+        # Re-saving a step (after a resume): move the old copy away first so the newest complete
+        # checkpoint exists at every instant.
+        stale = root / f".stale-{PREFIX}{step}-{os.getpid()}"
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if total_limit is not None:
+        prune_checkpoints(root, total_limit)
+    return final
+
+
+def prune_checkpoints(output_dir: str | Path, total_limit: int) -> None:
+    """Keep the newest ``total_limit`` complete checkpoints (never fewer than one) and remove
+    leftovers of interrupted writes."""
+    root = Path(output_dir)
+    ckpts = list_checkpoints(root)
+    for old in ckpts[: max(len(ckpts) - max(total_limit, 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in list(root.glob(f".tmp-{PREFIX}*")) + list(root.glob(f".stale-{PREFIX}*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"cannot read {path / STATE_FILE}: {exc}; the checkpoint is damaged."
+        ) from None
+
+
+def load_side_weights(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted((path / SIDE_DIR).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path / SIDE_DIR} holds no .safetensors weights.")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    side_network,
+    regularizers: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    rank: int = 0,
+) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` wrote; returns the trainer state."""
+    state = read_trainer_state(path)
+    try:
+        side_network.load_state_dict(load_side_weights(path))
+        regularizers.load_state_dict(load_file(str(path / REGULARIZERS_FILE)))
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0]}); resume with "
+            "the configuration that wrote it, or start a new --output_dir."
+        ) from None
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state

@@ -1,0 +1,81 @@
+"""The frozen encoders around the main network: images to the space the main network denoises
+(VAE latents, or pixels for pixel-space models) and captions to its text context."""
+
+from __future__ import annotations
+
+import torch
+
+from .branches.base import Context
+from .loading import MainModel
+
+
+class FrozenEncoders:
+    """Encodes a batch the way diffusers' ControlNet script does, optionally caching results.
+
+    With ``cache=True`` each dataset index is encoded once: the VAE latent is the one sampled on
+    first use and the caption's embedding is kept. Caching is exact only for deterministic image
+    transforms (center crop) and a fixed caption per index.
+    """
+
+    def __init__(self, model: MainModel, device, dtype=torch.float32, cache: bool = False):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.cache = cache
+        self._latents: dict[int, torch.Tensor] = {}
+        self._contexts: dict[int, torch.Tensor] = {}
+        for module in (model.vae, model.text_encoder):
+            if module is not None:
+                module.requires_grad_(False).eval().to(device, dtype=dtype)
+
+    @torch.no_grad()
+    def _images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        if self.model.vae is None:
+            return pixel_values
+        latents = self.model.vae.encode(pixel_values).latent_dist.sample()
+        return latents * self.model.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _prompts(self, captions: list[str]) -> torch.Tensor:
+        if self.model.text_encoder is None:
+            return self.null_context(len(captions))
+        tok = self.model.tokenizer
+        ids = tok(
+            captions,
+            max_length=tok.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.model.text_encoder(ids, return_dict=False)[0].to(self.dtype)
+
+    def null_context(self, batch: int) -> torch.Tensor:
+        """The constant context of a model trained without text: one zero token."""
+        dim = self.model.unet.config.cross_attention_dim
+        return torch.zeros(batch, 1, dim, device=self.device, dtype=self.dtype)
+
+    def _cached(self, store, indices, compute):
+        missing = [i for i, idx in enumerate(indices) if idx not in store]
+        if missing:
+            fresh = compute(missing)
+            for row, i in enumerate(missing):
+                store[indices[i]] = fresh[row]
+        return torch.stack([store[idx] for idx in indices])
+
+    def encode(self, batch: dict) -> tuple[torch.Tensor, Context, torch.Tensor]:
+        """(x0, context, condition) for one collated batch."""
+        captions = list(batch["caption"])
+        if self.cache and "index" in batch:
+            indices = [int(i) for i in batch["index"]]
+            x0 = self._cached(
+                self._latents, indices, lambda rows: self._images(batch["pixel_values"][rows])
+            )
+            text = self._cached(
+                self._contexts, indices, lambda rows: self._prompts([captions[r] for r in rows])
+            )
+        else:
+            x0 = self._images(batch["pixel_values"])
+            text = self._prompts(captions)
+        condition = batch["conditioning_pixel_values"].to(self.device)
+        return x0, Context(encoder_hidden_states=text), condition

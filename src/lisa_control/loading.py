@@ -1,0 +1,194 @@
+"""Finding and loading the frozen main model: a diffusers Stable Diffusion folder or hub id, a
+pixel-space model folder written by ``lisa pretrain``, or a tiny network shipped in the package.
+
+A pixel-space model folder holds ``lisa_model.json`` (task, resolution, objective), ``unet/`` and
+``scheduler/`` in diffusers layout; it has no VAE and no text encoder, and is conditioned on a
+constant null text context.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, ModelError
+
+PIXEL_MODEL_FILE = "lisa_model.json"
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class MainModel:
+    """The frozen parts of a model family, plus what the trainer must know about them."""
+
+    unet: torch.nn.Module
+    scheduler: object
+    vae: torch.nn.Module | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: object | None = None
+    resolution: int = 512
+    task: str | None = None
+    source: str = ""
+
+    @property
+    def is_pixel_space(self) -> bool:
+        return self.vae is None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def shipped_model_dir(task: str) -> Path:
+    """The folder of the tiny main network shipped for ``task``."""
+    index_file = SHIPPED_WEIGHTS / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    if task not in index:
+        raise ModelError(
+            f"no main network is shipped for task {task!r} (shipped: "
+            f"{', '.join(sorted(index)) or 'none'}). Train one with `lisa pretrain --task {task} "
+            "--output_dir DIR` and pass --pretrained_model_name_or_path DIR."
+        )
+    return SHIPPED_WEIGHTS / index[task]
+
+
+def _check_weight_files(folder: Path, allow_pickle: bool) -> None:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    if any(p.suffix in _PICKLE_SUFFIXES for p in files):
+        if allow_pickle:
+            return
+        raise CheckpointError(
+            f"{folder} holds only pickle weights (.bin/.pt), which can run arbitrary code when "
+            "loaded. Convert them to safetensors, or pass --allow_pickle if you trust the source."
+        )
+    raise ModelError(f"{folder} holds no model weights (.safetensors); is it the right folder?")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_pixel_model(folder: Path, allow_pickle: bool = False) -> MainModel:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    meta = json.loads((folder / PIXEL_MODEL_FILE).read_text())
+    _check_weight_files(folder / "unet", allow_pickle)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=not allow_pickle)
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    return MainModel(
+        unet=unet,
+        scheduler=scheduler,
+        resolution=int(meta["resolution"]),
+        task=meta.get("task"),
+        source=str(folder),
+    )
+
+
+def load_stable_diffusion(
+    name: str, revision=None, variant=None, allow_pickle: bool = False
+) -> MainModel:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    local = Path(name)
+    if local.is_dir():
+        for sub in ("unet", "vae"):
+            _check_weight_files(local / sub, allow_pickle)
+    kw = dict(revision=revision, use_safetensors=not allow_pickle)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer", revision=revision)
+        text_encoder = CLIPTextModel.from_pretrained(
+            name, subfolder="text_encoder", revision=revision, variant=variant
+        )
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
+        scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=revision)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load a Stable Diffusion model from {name!r}: {first}. Pass a diffusers "
+            "folder with unet/, vae/, text_encoder/, tokenizer/ and scheduler/, or a hub id "
+            "reachable from this machine."
+        ) from None
+    resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return MainModel(
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        resolution=resolution,
+        source=name,
+    )
+
+
+def load_main_model(
+    name: str | None, task: str | None = None, revision=None, variant=None, allow_pickle=False
+) -> MainModel:
+    """Load the main model named by ``--pretrained_model_name_or_path`` (or the shipped one
+    for ``task`` when no name is given)."""
+    if name is None:
+        if task is None:
+            raise ModelError(
+                "no main network: pass --pretrained_model_name_or_path (a diffusers folder or "
+                "hub id) or --task for the embedded default."
+            )
+        return load_pixel_model(shipped_model_dir(task))
+    if name.startswith("embedded:"):
+        return load_pixel_model(shipped_model_dir(name.split(":", 1)[1]))
+    folder = Path(name).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise ModelError(f"{name!r} is a file; pass the model's folder.")
+        if (folder / PIXEL_MODEL_FILE).is_file():
+            return load_pixel_model(folder, allow_pickle)
+        if (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
+            return load_stable_diffusion(str(folder), revision, variant, allow_pickle)
+        raise ModelError(
+            f"{name!r} is not a diffusers model folder (no model_index.json or unet/) nor a "
+            f"`lisa pretrain` folder (no {PIXEL_MODEL_FILE})."
+        )
+    if _looks_like_hub_id(name):
+        return load_stable_diffusion(name, revision, variant, allow_pickle)
+    raise ModelError(
+        f"model path {name!r} does not exist. Pass an existing folder or a hub id like 'org/model'."
+    )
+
+
+def load_side_network(name: str, allow_pickle: bool = False):
+    """A ControlNet from a diffusers folder or hub id, refusing pickle weights by default."""
+    from diffusers import ControlNetModel
+
+    folder = Path(name)
+    if folder.exists():
+        if not folder.is_dir():
+            raise ModelError(
+                f"--controlnet_model_name_or_path {name!r} is a file; pass its folder."
+            )
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"{name!r} is not a diffusers model folder (no config.json).")
+        _check_weight_files(folder, allow_pickle)
+    elif not _looks_like_hub_id(name):
+        raise ModelError(f"--controlnet_model_name_or_path {name!r} does not exist.")
+    try:
+        return ControlNetModel.from_pretrained(name, use_safetensors=not allow_pickle)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a ControlNet from {name!r}: {exc}") from None
+
+
+def save_pixel_model(folder: Path, unet, scheduler, resolution: int, task: str | None, **meta):
+    """Write a pixel-space main model folder (what ``lisa pretrain`` produces)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    info = {"resolution": resolution, "task": task, **meta}
+    (folder / PIXEL_MODEL_FILE).write_text(json.dumps(info, indent=2))

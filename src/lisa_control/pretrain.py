@@ -1,0 +1,248 @@
+"""``lisa pretrain``: train a small pixel-space main network from scratch on a task's images.
+
+This is how the project makes the frozen "foundation" networks its embedded default and
+benchmarks start from, since no pretrained model can be downloaded here. The network is a
+diffusers ``UNet2DConditionModel`` conditioned on a constant null text context, so every
+ControlNet tool works on it unchanged. The images of several tasks can be mixed
+(``--task edges,segmentation``) to make one network serve them all.
+
+Writes ``output_dir/model`` (a folder ``lisa train --pretrained_model_name_or_path`` takes, EMA
+weights), ``loss_log.jsonl``, ``curve.jsonl`` (realism of samples vs step), ``samples/step-N.png``
+and ``training_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import ConfigError
+from .loading import save_pixel_model
+from .model_configs import tiny_unet
+from .objectives import make_objective
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lisa pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, help="task name, or several joined by commas")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--block_out_channels", type=int, nargs="+", default=[48, 96, 96])
+    p.add_argument("--layers_per_block", type=int, default=2)
+    p.add_argument("--cross_attention_dim", type=int, default=32)
+    p.add_argument("--objective", choices=["epsilon", "v_prediction"], default="epsilon")
+    p.add_argument("--train_size", type=int, default=20_000, help="images rendered once")
+    p.add_argument("--train_batch_size", type=int, default=128)
+    p.add_argument("--max_train_steps", type=int, default=2000)
+    p.add_argument("--learning_rate", type=float, default=3e-4)
+    p.add_argument("--lr_warmup_steps", type=int, default=200)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--regularizer", choices=["none", "layersync"], default="none")
+    p.add_argument("--layersync_pairs", default=None)
+    p.add_argument("--layersync_weight", type=float, default=0.2)
+    p.add_argument("--sample_every", type=int, default=500)
+    p.add_argument("--num_samples", type=int, default=64)
+    p.add_argument("--sample_steps", type=int, default=25)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output_dir", required=True)
+    return p
+
+
+def render_dataset(tasks, size: int, seed: int, num_workers: int) -> torch.Tensor:
+    """Render ``size`` images once (uint8, N x 3 x H x W), cycling through ``tasks``."""
+    from .data.tasks import TaskDataset
+
+    per_task = [TaskDataset(t, size=size, seed=seed) for t in tasks]
+    mixed = torch.utils.data.Subset(
+        torch.utils.data.ConcatDataset(per_task),
+        [(i % len(tasks)) * size + i for i in range(size)],
+    )
+    loader = DataLoader(mixed, batch_size=256, num_workers=num_workers)
+    chunks = [((b["pixel_values"] + 1) * 127.5).round().to(torch.uint8) for b in loader]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def sample_unconditional(unet, scheduler, n, resolution, steps, seed, device) -> torch.Tensor:
+    """DPM-Solver++ samples of the main network alone, in [-1, 1]."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sampler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    sampler.set_timesteps(steps, device=device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, unet.config.in_channels, resolution, resolution), generator=g).to(device)
+    x = x * sampler.init_noise_sigma
+    ctx = torch.zeros(n, 1, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    for t in sampler.timesteps:
+        out = unet(sampler.scale_model_input(x, t).to(unet.dtype), t, ctx, return_dict=False)[0]
+        x = sampler.step(out.float(), t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+def pretrain(args: argparse.Namespace) -> Path:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from .data.tasks import get_task
+    from .validation import image_grid, to_uint8
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = [n.strip() for n in args.task.split(",") if n.strip()]
+    tasks = [get_task(n, resolution=args.resolution) for n in names]
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {args.output_dir!r} is a file; give a directory.")
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
+    print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
+
+    unet = UNet2DConditionModel(
+        **tiny_unet(
+            sample_size=args.resolution,
+            in_channels=3,
+            block_out_channels=tuple(args.block_out_channels),
+            layers_per_block=args.layers_per_block,
+            cross_attention_dim=args.cross_attention_dim,
+        )
+    ).to(device)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", prediction_type=args.objective
+    )
+    objective = make_objective(args.objective, scheduler=scheduler)
+    regularizer = None
+    if args.regularizer == "layersync":
+        from .regularizers.layersync import LayerSync, default_pairs
+
+        regularizer = LayerSync(
+            unet, pairs=args.layersync_pairs or default_pairs(unet), weight=args.layersync_weight
+        )
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(args.lr_warmup_steps, 1))
+    )
+    n_params = sum(p.numel() for p in unet.parameters())
+    print(f"main network: {n_params / 1e6:.2f}M parameters on {device}")
+
+    ctx = torch.zeros(args.train_batch_size, 1, args.cross_attention_dim, device=device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.mixed_precision == "bf16")
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    log = (out / "loss_log.jsonl").open("w")
+    curve = (out / "curve.jsonl").open("w")
+    t0 = time.perf_counter()
+    for step in range(1, args.max_train_steps + 1):
+        idx = torch.randint(0, len(images), (args.train_batch_size,), generator=g).to(device)
+        x0 = images[idx].float() / 127.5 - 1
+        noised = objective.sample(x0)
+        with autocast:
+            pred = unet(noised.x_t, noised.timesteps, ctx, return_dict=False)[0]
+            loss = objective.loss(pred, noised)
+            record = {"step": step, "diffusion_loss": loss.item()}
+            if regularizer is not None:
+                reg = regularizer.loss()
+                loss = loss + reg.loss
+                record["layersync_loss"] = reg.loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        warmup.step()
+        with torch.no_grad():
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        record["loss"] = loss.item()
+        log.write(json.dumps(record) + "\n")
+        if step % args.sample_every == 0 or step == args.max_train_steps:
+            samples = sample_unconditional(
+                ema, scheduler, args.num_samples, args.resolution, args.sample_steps, 1234, device
+            )
+            realism = {t.name: t.realism(samples) for t in tasks}
+            real = {
+                t.name: t.realism(images[: args.num_samples].float() / 127.5 - 1) for t in tasks
+            }
+            point = {
+                "step": step,
+                "seconds": time.perf_counter() - t0,
+                "loss": record["loss"],
+                "realism": realism,
+                "realism_of_training_images": real,
+            }
+            curve.write(json.dumps(point) + "\n")
+            curve.flush()
+            u8 = to_uint8(samples[:64])
+            image_grid([list(u8[i : i + 8]) for i in range(0, len(u8), 8)]).save(
+                out / "samples" / f"step-{step}.png"
+            )
+            print(json.dumps(point))
+    log.close()
+    curve.close()
+    if regularizer is not None:
+        regularizer.remove_hooks()
+    model_dir = out / "model"
+    save_pixel_model(
+        model_dir,
+        ema.to(torch.float32).cpu(),
+        scheduler,
+        args.resolution,
+        names[0] if len(names) == 1 else None,
+        tasks=names,
+        objective=args.objective,
+        steps=args.max_train_steps,
+        command="lisa pretrain " + " ".join(_argv_of(args)),
+    )
+    plot_curve(out)
+    print(f"saved main network to {model_dir}")
+    return model_dir
+
+
+def plot_curve(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    points = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in losses]
+    raw = torch.tensor([r["diffusion_loss"] for r in losses])
+    k = max(1, len(raw) // 100)
+    smooth = raw.unfold(0, k, k).mean(1) if len(raw) >= k else raw
+    a.plot(steps[k - 1 :: k][: len(smooth)], smooth.tolist())
+    a.set_xlabel("step")
+    a.set_ylabel("diffusion loss (mean of windows)")
+    for name in points[0]["realism"] if points else []:
+        b.plot([p["step"] for p in points], [p["realism"][name] for p in points], label=name)
+    b.set_xlabel("step")
+    b.set_ylabel("realism of samples")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training_curve.png", dpi=100)
+    plt.close(fig)
+
+
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    parts = []
+    for key, value in vars(args).items():
+        if value is None or key == "output_dir":
+            continue
+        if isinstance(value, list):
+            parts += [f"--{key}", *map(str, value)]
+        else:
+            parts += [f"--{key}", str(value)]
+    return parts
+
+
+def main(argv=None) -> None:
+    pretrain(build_parser().parse_args(argv))

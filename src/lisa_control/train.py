@@ -1,0 +1,416 @@
+"""The training loop, on accelerate. It knows the interfaces (DualBranch, Objective,
+Regularizer, datasets) and nothing about which model family or regularizer it runs.
+
+Read top to bottom: build everything from the config, restore a checkpoint if asked, then loop:
+encode -> one ControlTrainingStep -> guard against non-finite values -> optimizer step ->
+log, checkpoint, validate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from . import checkpoint as ckpt
+from .branches import UNetControlNetBranch
+from .config import TrainConfig
+from .encoders import FrozenEncoders
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .loading import MainModel, load_main_model, load_side_network
+from .objectives import make_objective
+from .step import ControlTrainingStep
+
+logger = logging.getLogger("lisa_control")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    losses: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    final_side_network: Path | None = None
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_dataset(cfg: TrainConfig, model: MainModel):
+    resolution = cfg.resolution or model.resolution
+    if cfg.task:
+        from .data.tasks import TaskDataset, get_task
+
+        task = get_task(cfg.task, resolution=resolution)
+        return TaskDataset(task, size=cfg.task_train_size, seed=cfg.seed or 0), resolution
+    if cfg.train_data_dir or cfg.dataset_name:
+        from .data.folder import ControlDataset
+
+        dataset = ControlDataset(
+            cfg.train_data_dir or cfg.dataset_name,
+            resolution=resolution,
+            image_column=cfg.image_column,
+            conditioning_image_column=cfg.conditioning_image_column,
+            caption_column=cfg.caption_column,
+            proportion_empty_prompts=cfg.proportion_empty_prompts,
+            seed=cfg.seed or 0,
+            max_samples=cfg.max_train_samples,
+            dataset_config_name=cfg.dataset_config_name,
+            resolution_multiple=8 * model.vae_scale_factor // (8 if model.vae is None else 1),
+        )
+        return dataset, resolution
+    if model.task:
+        from .data.tasks import TaskDataset, get_task
+
+        task = get_task(model.task, resolution=resolution)
+        return TaskDataset(task, size=cfg.task_train_size, seed=cfg.seed or 0), resolution
+    raise ConfigError("no training data: pass --train_data_dir, --dataset_name or --task.")
+
+
+def build_branch(cfg: TrainConfig, model: MainModel, condition_channels: int):
+    controlnet = None
+    if cfg.controlnet_model_name_or_path:
+        controlnet = load_side_network(cfg.controlnet_model_name_or_path, cfg.allow_pickle)
+    branch = UNetControlNetBranch.from_main(
+        model.unet,
+        controlnet,
+        conditioning_channels=condition_channels,
+        condition_downscale=model.vae_scale_factor,
+    )
+    if cfg.gradient_checkpointing:
+        branch.side_network.enable_gradient_checkpointing()
+    return branch
+
+
+def build_regularizers(cfg: TrainConfig, branch, sample_size: int) -> list:
+    names = [n for n in cfg.regularizer.split("+") if n != "none"]
+    regularizers = []
+    for name in names:
+        if name == "lisa":
+            from .regularizers.lisa import LikelihoodScoreAlignment
+
+            regularizers.append(
+                LikelihoodScoreAlignment(
+                    branch.side_network,
+                    layer=cfg.lisa_layer,
+                    out_channels=branch.main_network.config.out_channels,
+                    sample_size=sample_size,
+                    weight=cfg.lisa_weight,
+                    distance=cfg.lisa_distance,
+                    timestep_range=tuple(cfg.lisa_timestep_range)
+                    if cfg.lisa_timestep_range
+                    else None,
+                )
+            )
+        elif name == "layersync":
+            from .regularizers.layersync import LayerSync, default_pairs
+
+            pairs = cfg.layersync_pairs or default_pairs(branch.side_network)
+            regularizers.append(
+                LayerSync(branch.side_network, pairs=pairs, weight=cfg.layersync_weight)
+            )
+    return regularizers
+
+
+class _Batches(Sampler):
+    def __init__(self, order, start):
+        self.order, self.start = order, start
+
+    def __iter__(self):
+        for _, indices in self.order.batches(self.start):
+            yield indices
+
+
+def _nonfinite_terms(logs: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in logs.items() if not torch.isfinite(v).all()]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    from .data.sampler import ResumableBatchOrder
+
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to in (None, "none") else cfg.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)
+        ),
+        cpu=cfg.device == "cpu",
+    )
+    if cfg.seed is not None:
+        set_seed(cfg.seed)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    model = load_main_model(
+        cfg.pretrained_model_name_or_path, cfg.task, cfg.revision, cfg.variant, cfg.allow_pickle
+    )
+    dataset, resolution = build_dataset(cfg, model)
+    if resolution % (8 * model.vae_scale_factor if model.vae else 8):
+        raise ConfigError(
+            f"--resolution {resolution} is not divisible by "
+            f"{8 * model.vae_scale_factor if model.vae else 8}, the model's down-sampling factor."
+        )
+    sample_size = resolution // model.vae_scale_factor
+    condition_channels = getattr(dataset, "condition_channels", 3)
+    branch = build_branch(cfg, model, condition_channels)
+    regularizers = build_regularizers(cfg, branch, sample_size)
+    objective = make_objective(
+        cfg.prediction_type or model.scheduler.config.prediction_type,
+        scheduler=model.scheduler,
+        timestep_sampler=cfg.timestep_sampler,
+    )
+    step_module = ControlTrainingStep(branch, objective, regularizers)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    branch.main_network.to(accelerator.device, dtype=weight_dtype)
+    encoders = FrozenEncoders(model, accelerator.device, weight_dtype, cache=cfg.cache_latents)
+
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(
+        step_module.trainable_parameters(),
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    for reg in regularizers:
+        reg.check_optimizer(optimizer)
+
+    order = ResumableBatchOrder(
+        len(dataset),
+        cfg.train_batch_size,
+        seed=cfg.seed or 0,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    steps_per_epoch = math.ceil(order.batches_per_epoch / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
+    )
+    step_module, optimizer, lr_scheduler = accelerator.prepare(step_module, optimizer, lr_scheduler)
+    inner = accelerator.unwrap_model(step_module)
+
+    global_step = 0
+    log_path = output_dir / "loss_log.jsonl"
+    if cfg.resume_from_checkpoint:
+        path = ckpt.resolve_resume_path(output_dir, cfg.resume_from_checkpoint)
+        if path is None:
+            accelerator.print("no checkpoint to resume from; starting a new run")
+        else:
+            saved = ckpt.read_trainer_state(path)
+            if saved.get("fingerprint") != _jsonable(cfg.fingerprint()):
+                diff = {
+                    k: (saved.get("fingerprint", {}).get(k), v)
+                    for k, v in _jsonable(cfg.fingerprint()).items()
+                    if saved.get("fingerprint", {}).get(k) != v
+                }
+                raise CheckpointError(
+                    f"checkpoint {path} was written by another configuration (saved vs now: "
+                    f"{diff}); resume with the same settings or use a new --output_dir."
+                )
+            ckpt.load_checkpoint(
+                path,
+                side_network=inner.branch.side_network,
+                regularizers=inner.regularizers,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                rank=accelerator.process_index,
+            )
+            global_step = int(saved["step"])
+            _truncate_log(log_path, global_step)
+            _truncate_log(output_dir / "validation.jsonl", global_step)
+            accelerator.print(f"resumed from {path} at step {global_step}")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=2))
+        if accelerator.log_with:
+            accelerator.init_trackers(
+                cfg.tracker_project_name,
+                config={k: v for k, v in _jsonable(asdict(cfg)).items() if _scalar(v)},
+            )
+
+    validator = None
+    if cfg.validation_steps and (cfg.validation_image or hasattr(dataset, "task")):
+        from .validation import Validator
+
+        validator = Validator.from_config(cfg, model, dataset, encoders, sample_size)
+
+    loader = DataLoader(
+        dataset,
+        batch_sampler=_Batches(order, global_step * cfg.gradient_accumulation_steps),
+        num_workers=cfg.dataloader_num_workers,
+    )
+    losses: list[dict] = []
+    validation: list[dict] = []
+    progress = _progress(cfg, accelerator, global_step, max_steps)
+    step_module.train()
+    window: dict[str, torch.Tensor] = {}
+    t_start = time.perf_counter()
+    for batch in loader:
+        if global_step >= max_steps:
+            break
+        with accelerator.accumulate(step_module):
+            x0, context, condition = encoders.encode(batch)
+            out = step_module(x0, context, condition, step=global_step)
+            bad = _nonfinite_terms(out.logs)
+            flag = accelerator.reduce(torch.tensor(float(bool(bad)), device=x0.device), "max")
+            if flag.item() > 0:
+                _handle_nonfinite(cfg, global_step + 1, bad or ["another rank's loss"], "loss")
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                norm = accelerator.clip_grad_norm_(inner.trainable_parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(torch.as_tensor(norm)).all():
+                    _handle_nonfinite(cfg, global_step + 1, _grad_terms(out.logs), "gradient")
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        for k, v in out.logs.items():
+            window[k] = window.get(k, 0) + v.detach().float() / cfg.gradient_accumulation_steps
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        logs = {k: accelerator.reduce(v, "mean").item() for k, v in window.items()}
+        window = {}
+        logs["lr"] = lr_scheduler.get_last_lr()[0]
+        record = {"step": global_step, **logs}
+        losses.append(record)
+        if accelerator.is_main_process:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if accelerator.log_with:
+                accelerator.log(logs, step=global_step)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{logs['loss']:.4f}",
+                **({"aux": f"{logs['aux_loss']:.4f}"} if "aux_loss" in logs else {}),
+            )
+        if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
+            _save(cfg, accelerator, inner, optimizer, lr_scheduler, global_step, output_dir)
+        if validator is not None and (
+            global_step % cfg.validation_steps == 0 or global_step == max_steps
+        ):
+            if accelerator.is_main_process:
+                metrics = validator.run(inner.branch, global_step, output_dir / "validation")
+                if metrics:
+                    validation.append({"step": global_step, **metrics})
+                    with (output_dir / "validation.jsonl").open("a") as f:
+                        f.write(json.dumps(validation[-1]) + "\n")
+                    if accelerator.log_with:
+                        accelerator.log(
+                            {f"validation/{k}": v for k, v in metrics.items()}, global_step
+                        )
+            accelerator.wait_for_everyone()
+    if progress is not None:
+        progress.close()
+
+    final = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = output_dir / "controlnet"
+        inner.branch.save_side_network(final)
+        elapsed = time.perf_counter() - t_start
+        accelerator.print(f"saved side network to {final} ({elapsed:.1f}s)")
+    accelerator.end_training()
+    for reg in regularizers:
+        reg.remove_hooks()
+    return TrainResult(output_dir, global_step, losses, validation, final)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _save(cfg, accelerator, inner, optimizer, lr_scheduler, step, output_dir):
+    rng = [ckpt.rng_state()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rng = gather_object(rng)
+    if accelerator.is_main_process:
+        ckpt.save_checkpoint(
+            output_dir,
+            step,
+            side_network=inner.branch.side_network,
+            regularizers=inner.regularizers,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            trainer_state={"fingerprint": _jsonable(cfg.fingerprint())},
+            rng_states=rng,
+            total_limit=cfg.checkpoints_total_limit,
+        )
+    accelerator.wait_for_everyone()
+
+
+def _handle_nonfinite(cfg, step, terms, what):
+    message = (
+        f"non-finite {what} at step {step} in {', '.join(terms)}; the last checkpoint is intact. "
+        "Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or pass "
+        "--on_nonfinite skip to skip such steps."
+    )
+    if cfg.on_nonfinite == "stop":
+        raise NonFiniteLossError(message)
+    logger.warning(message.replace("; the last", " (skipped); the last"))
+
+
+def _grad_terms(logs):
+    return [k for k in logs if k.endswith("_loss") and k != "loss"] or ["loss"]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines a killed run wrote after the checkpoint it is resumed from."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by the kill
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _progress(cfg, accelerator, start, total):
+    if not cfg.progress or not accelerator.is_local_main_process:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="steps", dynamic_ncols=True)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float, str, bool))

@@ -1,0 +1,152 @@
+"""Validation during training: sample with the current side network for fixed conditions and a
+fixed seed, write a PNG grid (condition | samples [| ground truth]) and, for embedded tasks,
+score the samples with the task's fidelity metric."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .branches.base import Context
+
+
+def to_uint8(images: torch.Tensor, signed: bool = True) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] (or [0, 1] with signed=False) -> (B, H, W, 3) uint8."""
+    x = images.detach().float().cpu()
+    if signed:
+        x = (x + 1) / 2
+    x = x.clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> Image.Image:
+    """Tile rows of equally sized HxWx3 uint8 images with a dark gutter."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 32, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y : y + h, x : x + w] = img
+    return Image.fromarray(grid)
+
+
+def evaluation_scheduler(train_scheduler):
+    """DPM-Solver++ from the training scheduler's config, as the LISA authors evaluate."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(train_scheduler.config)
+
+
+class Validator:
+    def __init__(
+        self,
+        conditions: torch.Tensor,
+        contexts: Context,
+        negative: Context | None,
+        scheduler,
+        vae,
+        latent_shape: tuple[int, ...],
+        samples_per_condition: int = 1,
+        steps: int = 20,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        task=None,
+        task_samples=None,
+    ):
+        self.conditions = conditions
+        self.contexts = contexts
+        self.negative = negative
+        self.scheduler = scheduler
+        self.vae = vae
+        self.latent_shape = latent_shape
+        self.samples_per_condition = samples_per_condition
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.task = task
+        self.task_samples = task_samples
+
+    @classmethod
+    def from_config(cls, cfg, model, dataset, encoders, sample_size: int) -> "Validator":
+        channels = model.unet.config.in_channels
+        latent_shape = (channels, sample_size, sample_size)
+        common = dict(
+            scheduler=evaluation_scheduler(model.scheduler),
+            vae=model.vae,
+            latent_shape=latent_shape,
+            steps=cfg.validation_inference_steps,
+            guidance_scale=cfg.validation_guidance_scale,
+            seed=cfg.seed or 0,
+        )
+        if cfg.validation_image:
+            from .data.images import load_image, to_condition_tensor
+
+            resolution = sample_size * model.vae_scale_factor
+            images, prompts = cfg.validation_image, cfg.validation_prompt or [""]
+            n = max(len(images), len(prompts))
+            images = images * n if len(images) == 1 else images
+            prompts = prompts * n if len(prompts) == 1 else prompts
+            conds = torch.stack([to_condition_tensor(load_image(p), resolution) for p in images])
+            ctx = Context(encoders._prompts(prompts))
+            neg = (
+                Context(encoders._prompts([""] * n)) if cfg.validation_guidance_scale > 1 else None
+            )
+            return cls(conds, ctx, neg, samples_per_condition=cfg.num_validation_images, **common)
+        task = dataset.task
+        # A held-out seed the training stream (seed, index) never reaches.
+        held_out = [
+            task.sample(seed=10_007 + (cfg.seed or 0), index=i)
+            for i in range(cfg.validation_conditions)
+        ]
+        conds = torch.stack(
+            [torch.from_numpy(s.condition).permute(2, 0, 1).float() / 255 for s in held_out]
+        )
+        ctx = Context(encoders.null_context(len(held_out)))
+        return cls(conds, ctx, None, task=task, task_samples=held_out, **common)
+
+    @torch.no_grad()
+    def generate(self, branch) -> torch.Tensor:
+        from .sampling import decode, sample
+
+        device = next(branch.side_network.parameters()).device
+        outputs = []
+        for k in range(self.samples_per_condition):
+            g = torch.Generator(device="cpu").manual_seed(self.seed + k)
+            n = self.conditions.shape[0]
+            latents = torch.randn((n, *self.latent_shape), generator=g).to(device)
+            x0 = sample(
+                branch,
+                self.conditions.to(device),
+                self.contexts.to(device),
+                self.scheduler,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                negative_context=None if self.negative is None else self.negative.to(device),
+                latents=latents * self.scheduler.init_noise_sigma,
+            )
+            outputs.append(decode(self.vae, x0).float().cpu())
+        return torch.stack(outputs, dim=1)  # (N, K, 3, H, W)
+
+    def run(self, branch, step: int, out_dir: Path) -> dict[str, float]:
+        was_training = branch.training
+        branch.eval()
+        images = self.generate(branch)
+        branch.train(was_training)
+        rows = []
+        cond_u8 = to_uint8(self.conditions, signed=False)
+        for i in range(images.shape[0]):
+            row = [cond_u8[i]] + list(to_uint8(images[i]))
+            if self.task_samples is not None:
+                row.append(self.task_samples[i].image)
+            rows.append(row)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        image_grid(rows).save(out_dir / f"step-{step}.png")
+        if self.task is None:
+            return {}
+        return self.task.fidelity(images[:, 0], self.task_samples)
