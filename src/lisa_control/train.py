@@ -307,6 +307,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         if accelerator.is_main_process:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        else:
+            # Every rank records what it saw after the all-reduce, so agreement can be checked.
+            rank_log = output_dir / f"loss_log.rank{accelerator.process_index}.jsonl"
+            with rank_log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
             if accelerator.log_with:
                 accelerator.log(logs, step=global_step)
         if progress is not None:
