@@ -116,8 +116,10 @@ def test_kill_and_resume_gives_the_same_loss_sequence(assets, tmp_path):
 def test_accelerate_launch_two_cpu_processes_agree(assets, tmp_path):
     model, data = assets
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # `--cpu` makes accelerate start a single process; the torchrun launcher (--multi_gpu) on a
+    # machine without GPUs gives two processes in a gloo group, which is what we want to test.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "lisa_control", "train",
            *train_args(model, data, out, steps=3, validation_steps=1000, report_to="none")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -149,7 +149,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)
         ),
-        cpu=cfg.device == "cpu",
+        # Without a GPU, processes started by `accelerate launch` form a gloo group on the CPU.
+        cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
     )
     if cfg.seed is not None:
         set_seed(cfg.seed)
@@ -179,7 +180,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
-    branch.main_network.to(accelerator.device, dtype=weight_dtype)
+    branch.main_network.to(accelerator.device)
+    if weight_dtype != torch.float32:
+        branch.main_network.to(dtype=weight_dtype)
     encoders = FrozenEncoders(model, accelerator.device, weight_dtype, cache=cfg.cache_latents)
 
     lr = cfg.learning_rate
@@ -265,6 +268,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         dataset,
         batch_sampler=_Batches(order, global_step * cfg.gradient_accumulation_steps),
         num_workers=cfg.dataloader_num_workers,
+        # Its own generator: iterating a DataLoader draws a worker seed, which must not shift
+        # the global RNG stream that noise and timesteps come from (resume would drift).
+        generator=torch.Generator().manual_seed(cfg.seed or 0),
     )
     losses: list[dict] = []
     validation: list[dict] = []
