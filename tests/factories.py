@@ -19,8 +19,14 @@ def make_pixel_model(folder: Path, resolution: int = 16, task: str | None = None
 
     torch.manual_seed(1)
     unet = UNet2DConditionModel(
-        **tiny_unet(sample_size=resolution, block_out_channels=(16, 32), cross_attention_dim=16,
-                    layers_per_block=1, attention_head_dim=8, norm_num_groups=8)
+        **tiny_unet(
+            sample_size=resolution,
+            block_out_channels=(16, 32),
+            cross_attention_dim=16,
+            layers_per_block=1,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
     )
     save_pixel_model(folder, unet, DDPMScheduler(num_train_timesteps=1000), resolution, task)
     return folder
@@ -36,7 +42,74 @@ def make_image_folder(folder: Path, n: int = 8, size: int = 16, seed: int = 0) -
         cond = ((img.mean(-1, keepdims=True) > 127) * 255).astype(np.uint8).repeat(3, -1)
         Image.fromarray(img).save(folder / f"img{k}.png")
         Image.fromarray(cond).save(folder / f"cond{k}.png")
-        lines.append({"image": f"img{k}.png", "conditioning_image": f"cond{k}.png",
-                      "text": f"item {k}"})
+        lines.append(
+            {"image": f"img{k}.png", "conditioning_image": f"cond{k}.png", "text": f"item {k}"}
+        )
     (folder / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return folder
+
+
+def make_sd_model(folder: Path) -> Path:
+    """A complete, tiny Stable Diffusion folder (VAE with 8x down-sampling, CLIP text encoder
+    and a tokenizer from a vocabulary of single characters)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lisa_control.model_configs import tiny_unet
+
+    torch.manual_seed(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=64,
+    )
+    unet = UNet2DConditionModel(
+        **tiny_unet(
+            sample_size=8,
+            in_channels=4,
+            block_out_channels=(16, 32),
+            cross_attention_dim=16,
+            layers_per_block=1,
+        )
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder / "model")
+    return folder / "model"

@@ -105,6 +105,7 @@ def save_checkpoint(
 ) -> Path:
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root)
     final = root / f"{PREFIX}{step}"
     tmp = root / f".tmp-{PREFIX}{step}-{os.getpid()}"
     if tmp.exists():
@@ -139,13 +140,17 @@ def save_checkpoint(
 
 
 def prune_checkpoints(output_dir: str | Path, total_limit: int) -> None:
-    """Keep the newest ``total_limit`` complete checkpoints (never fewer than one) and remove
-    leftovers of interrupted writes."""
-    root = Path(output_dir)
-    ckpts = list_checkpoints(root)
+    """Keep the newest ``total_limit`` complete checkpoints (never fewer than one)."""
+    ckpts = list_checkpoints(output_dir)
     for old in ckpts[: max(len(ckpts) - max(total_limit, 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in list(root.glob(f".tmp-{PREFIX}*")) + list(root.glob(f".stale-{PREFIX}*")):
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete what a killed write left behind (only the writing process makes these)."""
+    for leftover in list(output_dir.glob(f".tmp-{PREFIX}*")) + list(
+        output_dir.glob(f".stale-{PREFIX}*")
+    ):
         shutil.rmtree(leftover, ignore_errors=True)
 
 

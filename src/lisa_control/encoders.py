@@ -26,7 +26,9 @@ class FrozenEncoders:
         self._contexts: dict[int, torch.Tensor] = {}
         for module in (model.vae, model.text_encoder):
             if module is not None:
-                module.requires_grad_(False).eval().to(device, dtype=dtype)
+                module.requires_grad_(False).eval().to(device)
+                if dtype != torch.float32:
+                    module.to(dtype=dtype)
 
     @torch.no_grad()
     def _images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from .branches import UNetControlNetBranch
 from .config import TrainConfig
 from .encoders import FrozenEncoders
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, ModelError, NonFiniteLossError
 from .loading import MainModel, load_main_model, load_side_network
 from .objectives import make_objective
 from .step import ControlTrainingStep
@@ -83,6 +83,13 @@ def build_branch(cfg: TrainConfig, model: MainModel, condition_channels: int):
         conditioning_channels=condition_channels,
         condition_downscale=model.vae_scale_factor,
     )
+    expected = branch.side_network.config.conditioning_channels
+    if expected != condition_channels:
+        raise ModelError(
+            f"the side network takes {expected}-channel conditions but the data has "
+            f"{condition_channels} channels; convert the condition images or use a side network "
+            f"built with conditioning_channels={condition_channels}."
+        )
     if cfg.gradient_checkpointing:
         branch.side_network.enable_gradient_checkpointing()
     return branch

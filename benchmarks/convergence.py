@@ -1,0 +1,293 @@
+"""Convergence benchmark: plain ControlNet vs LISA (and variants) from the same main network,
+same data order, several seeds; fidelity of samples on held-out conditions every K steps.
+
+Every run is an ordinary ``lisa train`` command (the CLI, not a separate code path), started as
+a subprocess; several run side by side on one GPU because the embedded models are small. The
+summary reports, per task and variant:
+
+* the fidelity curve (mean and spread over seeds) and its PNG,
+* speed-up = steps for plain to reach its own final fidelity / steps for the variant to reach
+  it (per seed; "final" = mean of plain's last three evaluations; a curve "reaches" a level when
+  the running mean of three evaluations first gets there),
+* fidelity of every variant at fixed step budgets,
+* wall-clock per step, and the LISA aux-loss ratio over training.
+
+Example (the command behind BENCHMARKS.md's numbers is recorded in each result file):
+
+    python benchmarks/convergence.py --tasks pose --seeds 0 1 2 --steps 2000 --eval_every 100 \
+        --variants plain lisa --set learning_rate=1e-5 train_batch_size=64 --parallel 6 \
+        --out benchmarks/results/convergence_pose.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Variants are flag sets of `lisa train`; anything a user can run, the benchmark can compare.
+VARIANTS = {
+    "plain": {"regularizer": "none"},
+    "lisa": {"regularizer": "lisa"},
+    "lisa_w0.05": {"regularizer": "lisa", "lisa_weight": 0.05},
+    "lisa_w1": {"regularizer": "lisa", "lisa_weight": 1.0},
+    "lisa_w5": {"regularizer": "lisa", "lisa_weight": 5.0},
+    "lisa_cosine": {"regularizer": "lisa", "lisa_distance": "cosine"},
+    "lisa_mid": {"regularizer": "lisa", "lisa_layer": "mid"},
+    "lisa_down_2": {"regularizer": "lisa", "lisa_layer": "down_2"},
+    "lisa_down_8": {"regularizer": "lisa", "lisa_layer": "down_8"},
+    "lisa_t_high": {"regularizer": "lisa", "lisa_timestep_range": "500 1000"},
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["pose"])
+    p.add_argument("--variants", nargs="+", default=["plain", "lisa"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--eval_conditions", type=int, default=64)
+    p.add_argument("--eval_inference_steps", type=int, default=20)
+    p.add_argument("--budgets", type=int, nargs="*", default=None)
+    p.add_argument(
+        "--main", nargs="*", default=[], help="TASK=DIR main network per task (default: shipped)"
+    )
+    p.add_argument(
+        "--set", nargs="*", default=[], help="extra `lisa train` flags as key=value (the regime)"
+    )
+    p.add_argument("--parallel", type=int, default=4)
+    p.add_argument("--workers_per_run", type=int, default=2)
+    p.add_argument("--run_dir", default="runs/convergence")
+    p.add_argument("--out", default="benchmarks/results/convergence.json")
+    p.add_argument("--summarize_only", action="store_true")
+    return p
+
+
+def run_flags(args, task, variant, seed) -> list[str]:
+    flags = {
+        "task": task,
+        "seed": seed,
+        "max_train_steps": args.steps,
+        "validation_steps": args.eval_every,
+        "validation_conditions": args.eval_conditions,
+        "validation_inference_steps": args.eval_inference_steps,
+        "checkpointing_steps": args.steps,
+        "checkpoints_total_limit": 1,
+        "dataloader_num_workers": args.workers_per_run,
+        "report_to": "none",
+        "output_dir": str(Path(args.run_dir) / task / variant / f"seed{seed}"),
+    }
+    mains = dict(m.split("=", 1) for m in args.main)
+    if task in mains:
+        flags["pretrained_model_name_or_path"] = mains[task]
+    for item in args.set:
+        key, value = item.split("=", 1)
+        flags[key] = value
+    flags.update(VARIANTS[variant])
+    argv = []
+    for key, value in flags.items():
+        argv += [f"--{key}", *str(value).split()]
+    return argv + ["--no-progress"]
+
+
+def launch_all(args) -> None:
+    jobs = [(t, v, s) for s in args.seeds for t in args.tasks for v in args.variants]
+    running: list[tuple[subprocess.Popen, tuple]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    while jobs or running:
+        while jobs and len(running) < args.parallel:
+            job = jobs.pop(0)
+            flags = run_flags(args, *job)
+            run_dir = Path(flags[flags.index("--output_dir") + 1])
+            for stale in ("loss_log.jsonl", "validation.jsonl"):
+                (run_dir / stale).unlink(missing_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = (run_dir / "stdout.txt").open("w")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lisa_control", "train", *flags],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            running.append((proc, job))
+            print(f"started {job}", flush=True)
+        for proc, job in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, job))
+                print(f"finished {job} rc={proc.returncode}", flush=True)
+        time.sleep(1)
+
+
+def reach_step(curve: list[tuple[int, float]], level: float) -> int | None:
+    values = [v for _, v in curve]
+    for i in range(len(curve)):
+        window = values[max(0, i - 2) : i + 1]
+        if sum(window) / len(window) >= level:
+            return curve[i][0]
+    return None
+
+
+def summarize(args) -> dict:
+    from lisa_control.data.tasks import get_task
+
+    summary = {"tasks": {}}
+    for task in args.tasks:
+        metric = get_task(task).metric_name
+        per_variant = {}
+        for variant in args.variants:
+            runs = []
+            for seed in args.seeds:
+                run_dir = Path(args.run_dir) / task / variant / f"seed{seed}"
+                vpath, lpath = run_dir / "validation.jsonl", run_dir / "loss_log.jsonl"
+                if not vpath.is_file():
+                    continue
+                evals = [json.loads(x) for x in vpath.read_text().splitlines()]
+                losses = [json.loads(x) for x in lpath.read_text().splitlines()]
+                timing = run_dir / "stdout.txt"
+                runs.append(
+                    {
+                        "seed": seed,
+                        "curve": [(e["step"], e[metric]) for e in evals],
+                        "evals": evals,
+                        "aux_loss_ratio": [
+                            (r["step"], r["aux_loss_ratio"])
+                            for r in losses
+                            if "aux_loss_ratio" in r and r["step"] % args.eval_every == 0
+                        ],
+                        "diffusion_loss_last100": statistics.fmean(
+                            r["diffusion_loss"] for r in losses[-100:]
+                        ),
+                        "seconds_per_step": _seconds_per_step(timing, len(losses)),
+                    }
+                )
+            per_variant[variant] = runs
+        summary["tasks"][task] = {"metric": metric, "variants": per_variant}
+        plain = {r["seed"]: r for r in per_variant.get("plain", [])}
+        speedups = {}
+        for variant, runs in per_variant.items():
+            if variant == "plain":
+                continue
+            ratios = []
+            for r in runs:
+                ref = plain.get(r["seed"])
+                if ref is None or len(ref["curve"]) < 3:
+                    continue
+                final = statistics.fmean(v for _, v in ref["curve"][-3:])
+                s_plain = reach_step(ref["curve"], final)
+                s_var = reach_step(r["curve"], final)
+                ratios.append(
+                    {
+                        "seed": r["seed"],
+                        "plain_final": final,
+                        "plain_steps": s_plain,
+                        "variant_steps": s_var,
+                        "speedup": (s_plain / s_var) if s_var else None,
+                    }
+                )
+            reached = [x["speedup"] for x in ratios if x["speedup"] is not None]
+            speedups[variant] = {
+                "per_seed": ratios,
+                "mean": statistics.fmean(reached) if reached else None,
+                "stdev": statistics.stdev(reached) if len(reached) > 1 else None,
+                "not_reached": sum(x["speedup"] is None for x in ratios),
+            }
+        summary["tasks"][task]["speedup_vs_plain"] = speedups
+        budgets = args.budgets or sorted({args.steps // 4, args.steps // 2, args.steps})
+        summary["tasks"][task]["at_budget"] = {
+            variant: {str(b): _mean_sd([dict(r["curve"]).get(b) for r in runs]) for b in budgets}
+            for variant, runs in per_variant.items()
+        }
+    return summary
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def _seconds_per_step(stdout: Path, steps: int) -> float | None:
+    for line in stdout.read_text().splitlines() if stdout.is_file() else []:
+        if line.startswith("saved side network") and "s)" in line:
+            return float(line.rsplit("(", 1)[1].rstrip("s)")) / max(steps, 1)
+    return None
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        info = summary["tasks"][task]
+        for variant, runs in info["variants"].items():
+            if not runs:
+                continue
+            steps = [s for s, _ in runs[0]["curve"]]
+            rows = [[dict(r["curve"]).get(s) for r in runs] for s in steps]
+            mean = [statistics.fmean(v for v in row if v is not None) for row in rows]
+            lo = [min(v for v in row if v is not None) for row in rows]
+            hi = [max(v for v in row if v is not None) for row in rows]
+            ax.plot(steps, mean, label=f"{variant} (n={len(runs)})")
+            ax.fill_between(steps, lo, hi, alpha=0.2)
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel(info["metric"])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    if not args.summarize_only:
+        launch_all(args)
+    summary = summarize(args)
+    summary["command"] = "python benchmarks/convergence.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    summary["wall_seconds"] = time.time() - t0
+    summary["date"] = time.strftime("%Y-%m-%d")
+    try:
+        import torch
+
+        summary["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:  # the summary is still useful without the device name
+        summary["device"] = "unknown"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    plot(summary, out.with_suffix(".png"))
+    for task, info in summary["tasks"].items():
+        for variant, s in info["speedup_vs_plain"].items():
+            mean = "n/a" if s["mean"] is None else f"{s['mean']:.2f}"
+            sd = "" if s["stdev"] is None else f" +- {s['stdev']:.2f}"
+            print(f"{task:18s} {variant:12s} speed-up {mean}{sd} (not reached: {s['not_reached']})")
+        for variant, budgets in info["at_budget"].items():
+            cells = "  ".join(
+                f"{b}: " + ("-" if v is None else format(v["mean"], ".3f"))
+                for b, v in budgets.items()
+            )
+            print(f"{task:18s} {variant:12s} {info['metric']} at {cells}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
