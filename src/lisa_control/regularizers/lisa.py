@@ -114,17 +114,22 @@ class LikelihoodScoreAlignment(Regularizer):
         self._hook.remove()
 
     def _check_decoder_is_trained(self) -> None:
+        """Count training-mode calls since the decoder's weights last changed; an optimizer that
+        updates them bumps the tensor's version counter. Evaluation calls (no grad or eval mode)
+        do not count, and gradient accumulation shorter than the threshold passes."""
         weight = self.decoder.out.weight
         if not weight.requires_grad or self._optimizer_check_after <= 0:
             return
-        if weight.grad is not None and weight._version == self._last_version:
+        if not (torch.is_grad_enabled() and self.training):
+            return
+        if weight._version == self._last_version:
             self._stale_steps += 1
         else:
             self._stale_steps = 0
         self._last_version = weight._version
         if self._stale_steps >= self._optimizer_check_after:
             raise ConfigError(
-                f"the LISA decoder has received gradients for {self._stale_steps} steps but its "
+                f"the LISA decoder was used in {self._stale_steps} training steps but its "
                 "weights never changed: its parameters are not in the optimizer. Use "
                 "AdamW([*side_network.parameters(), *lisa.parameters()])."
             )
