@@ -5,6 +5,7 @@ from .errors import CheckpointError, ConfigError, DataError, LisaError, ModelErr
 from .objectives import DiffusionObjective, RectifiedFlowObjective, make_objective
 from .regularizers import LikelihoodScoreAlignment, Regularizer, ScoreDecoder, StepState
 from .step import ControlTrainingStep, StepOutput
+from .token_decoders import TokenScoreDecoder, lisa_for_branch
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,8 @@ __all__ = [
     "ScoreDecoder",
     "StepOutput",
     "StepState",
+    "TokenScoreDecoder",
     "UNetControlNetBranch",
+    "lisa_for_branch",
     "make_objective",
 ]

@@ -2,6 +2,8 @@
 
 The ControlNet reads (x_t, t, text, condition) and returns one residual per UNet skip connection
 plus one for the mid block; the UNet adds them. The prior is the same UNet call without them.
+Since the residuals enter only after the down path, a step that needs both predictions runs the
+down path once and the up path twice (see ``unet_split``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
+from . import unet_split
 from .base import Context, DualBranch, Prediction
 
 # Config keys that must agree between a UNet and a ControlNet meant to drive it.
@@ -43,12 +46,38 @@ CONDITION_EMBEDDING_CHANNELS = {1: (32,), 2: (16, 32), 4: (16, 32, 96), 8: (16, 
 
 
 class UNetControlNetBranch(DualBranch):
+    """Frozen UNet + ControlNet.
+
+    Args:
+        shared_encoder_prior: for ``forward(..., with_prior=True)``, compute the UNet's
+            embeddings, down blocks and mid block once, without gradient, and run only the up
+            path twice (controlled, and under ``no_grad`` for the prior) instead of a second
+            full UNet pass. Same results as the full passes up to float summation order. It falls
+            back to full passes whenever the down path must carry a gradient (x_t, the context or
+            a main-network parameter requires grad).
+        batched_prior: run the two up paths as one 2B-batch call (see
+            ``unet_split.decode_with_prior``); needs ``shared_encoder_prior``.
+    """
+
     main_network: UNet2DConditionModel
     side_network: ControlNetModel
 
-    def __init__(self, main_network: UNet2DConditionModel, side_network: ControlNetModel):
+    def __init__(
+        self,
+        main_network: UNet2DConditionModel,
+        side_network: ControlNetModel,
+        shared_encoder_prior: bool = True,
+        batched_prior: bool = False,
+    ):
         check_side_fits_main(main_network, side_network)
+        if batched_prior and not shared_encoder_prior:
+            raise ConfigError(
+                "batched_prior=True batches the two up paths of the shared-encoder prior; it "
+                "needs shared_encoder_prior=True."
+            )
         super().__init__(main_network, side_network)
+        self.shared_encoder_prior = shared_encoder_prior
+        self.batched_prior = batched_prior
 
     @classmethod
     def from_main(
@@ -57,12 +86,15 @@ class UNetControlNetBranch(DualBranch):
         controlnet: ControlNetModel | None = None,
         conditioning_channels: int = 3,
         condition_downscale: int = 8,
+        shared_encoder_prior: bool = True,
+        batched_prior: bool = False,
     ) -> UNetControlNetBranch:
         """Wrap ``unet``; with no ``controlnet``, make one from the UNet's weights (the paper's
         and diffusers' initialisation).
 
         ``condition_downscale`` is the ratio of condition to sample resolution: 8 for SD latents
-        (512 px condition, 64 latent), 1 for pixel-space models.
+        (512 px condition, 64 latent), 1 for pixel-space models. The last two flags are the
+        constructor's.
         """
         if controlnet is None:
             if condition_downscale not in CONDITION_EMBEDDING_CHANNELS:
@@ -77,7 +109,12 @@ class UNetControlNetBranch(DualBranch):
                     condition_downscale
                 ],
             )
-        return cls(unet, controlnet)
+        return cls(
+            unet,
+            controlnet,
+            shared_encoder_prior=shared_encoder_prior,
+            batched_prior=batched_prior,
+        )
 
     @property
     def condition_channels(self) -> int:
@@ -111,6 +148,10 @@ class UNetControlNetBranch(DualBranch):
                 f"{self.condition_channels}; convert the condition images or build the side "
                 f"network with conditioning_channels={condition.shape[1]}."
             )
+        if with_prior and self.shared_encoder_prior and self._can_share_encoder(x_t, context):
+            return self._forward_shared_encoder(
+                x_t, timesteps, context, condition, conditioning_scale
+            )
         down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
         main_dtype = self.main_network.dtype
         output = self.main_network(
@@ -124,8 +165,50 @@ class UNetControlNetBranch(DualBranch):
         prior = self.prior(x_t, timesteps, context) if with_prior else None
         return Prediction(output=output, prior=prior)
 
+    def _can_share_encoder(self, x_t, context: Context) -> bool:
+        """Whether the split forward gives the full passes' results here.
+
+        Not when running the down path without autograd would drop a gradient (the inputs or a
+        main-network parameter require grad), nor when the main network is not a plain UNet
+        whose blocks the split calls directly (a ``torch.compile`` wrapper, or accelerate's
+        offload hooks, which act on the top-level ``forward`` only).
+        """
+        main = self.main_network
+        if not isinstance(main, UNet2DConditionModel) or hasattr(main, "_hf_hook"):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        inputs = [x_t, context.encoder_hidden_states, *(context.added_cond_kwargs or {}).values()]
+        if any(torch.is_tensor(v) and v.requires_grad for v in inputs):
+            return False
+        return not any(p.requires_grad for p in main.parameters())
+
+    def _forward_shared_encoder(
+        self, x_t, timesteps, context: Context, condition, conditioning_scale
+    ) -> Prediction:
+        main_dtype = self.main_network.dtype
+        with torch.no_grad():
+            encoding = unet_split.encode(
+                self.main_network,
+                x_t.to(main_dtype),
+                timesteps,
+                **self._main_kwargs(context, main_dtype),
+            )
+            # The prior first: its up-path activations are freed before the side network and the
+            # controlled up path build their autograd graphs, which keeps the peak lower.
+            prior = None if self.batched_prior else unet_split.decode(self.main_network, encoding)
+        down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
+        down = [r.to(main_dtype) for r in down]
+        mid = mid.to(main_dtype)
+        if self.batched_prior:
+            output, prior = unet_split.decode_with_prior(self.main_network, encoding, down, mid)
+        else:
+            output = unet_split.decode(self.main_network, encoding, down, mid)
+        return Prediction(output=output, prior=prior)
+
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
+        """The main network alone, as one full pass (the reference the shared path matches)."""
         main_dtype = self.main_network.dtype
         return self.main_network(
             x_t.to(main_dtype),

@@ -97,7 +97,8 @@ class LikelihoodScoreAlignment(Regularizer):
             if not ref.reads_input or not hasattr(side_network, "down_blocks"):
                 raise ConfigError(
                     f"cannot infer the feature shape at layer {layer!r}; pass "
-                    "feature_channels= and feature_size= (the hooked tensor's C and H)."
+                    "feature_channels= and feature_size= (the hooked tensor's C and H), or for "
+                    "transformer side networks use lisa_control.lisa_for_branch(branch)."
                 )
             feature_channels, feature_size = controlnet_feature_shape(
                 side_network, ref, sample_size
