@@ -3,7 +3,13 @@
 from .branches import Context, DualBranch, Prediction, UNetControlNetBranch
 from .errors import CheckpointError, ConfigError, DataError, LisaError, ModelError
 from .objectives import DiffusionObjective, RectifiedFlowObjective, make_objective
-from .regularizers import LikelihoodScoreAlignment, Regularizer, ScoreDecoder, StepState
+from .regularizers import (
+    LayerSync,
+    LikelihoodScoreAlignment,
+    Regularizer,
+    ScoreDecoder,
+    StepState,
+)
 from .step import ControlTrainingStep, StepOutput
 from .token_decoders import TokenScoreDecoder, lisa_for_branch
 
@@ -17,6 +23,7 @@ __all__ = [
     "DataError",
     "DiffusionObjective",
     "DualBranch",
+    "LayerSync",
     "LikelihoodScoreAlignment",
     "LisaError",
     "ModelError",

@@ -111,6 +111,7 @@ class TrainConfig:
             "lisa_layer",
             "lisa_distance",
             "layersync_pairs",
+            "layersync_weight",
             "prediction_type",
             "timestep_sampler",
         )
@@ -133,7 +134,7 @@ _CHOICES = {
     "on_nonfinite": ("stop", "skip"),
     "lisa_distance": ("mse", "cosine"),
     "timestep_sampler": ("uniform", "logit_normal", "cubic"),
-    "prediction_type": (None, "epsilon", "v_prediction"),
+    "prediction_type": (None, "epsilon", "v_prediction", "flow"),
 }
 
 _HELP = {

@@ -41,7 +41,7 @@ class FrozenEncoders:
     @torch.no_grad()
     def _prompts(self, captions: list[str]) -> torch.Tensor:
         if self.model.text_encoder is None:
-            return self.null_context(len(captions))
+            return self.null_context(len(captions)).encoder_hidden_states
         tok = self.model.tokenizer
         ids = tok(
             captions,
@@ -52,10 +52,16 @@ class FrozenEncoders:
         ).input_ids.to(self.device)
         return self.model.text_encoder(ids, return_dict=False)[0].to(self.dtype)
 
-    def null_context(self, batch: int) -> torch.Tensor:
-        """The constant context of a model trained without text: one zero token."""
-        dim = self.model.unet.config.cross_attention_dim
-        return torch.zeros(batch, 1, dim, device=self.device, dtype=self.dtype)
+    def null_context(self, batch: int) -> Context:
+        """The constant context of a model trained without text: one zero token (and, for SD3-
+        style transformers, a zero pooled vector)."""
+        config = self.model.main_network.config
+        if self.model.family == "sd3":
+            from .flow_models import null_text_context
+
+            return null_text_context(config, batch, self.device, self.dtype)
+        tokens = torch.zeros(batch, 1, config.cross_attention_dim, device=self.device)
+        return Context(encoder_hidden_states=tokens.to(self.dtype))
 
     def _cached(self, store, indices, compute):
         missing = [i for i, idx in enumerate(indices) if idx not in store]
@@ -80,4 +86,6 @@ class FrozenEncoders:
             x0 = self._images(batch["pixel_values"])
             text = self._prompts(captions)
         condition = batch["conditioning_pixel_values"].to(self.device)
+        if self.model.text_encoder is None:
+            return x0, self.null_context(x0.shape[0]), condition
         return x0, Context(encoder_hidden_states=text), condition

@@ -1,9 +1,9 @@
 """Finding and loading the frozen main model: a diffusers Stable Diffusion folder or hub id, a
 pixel-space model folder written by ``lisa pretrain``, or a tiny network shipped in the package.
 
-A pixel-space model folder holds ``lisa_model.json`` (task, resolution, objective), ``unet/`` and
-``scheduler/`` in diffusers layout; it has no VAE and no text encoder, and is conditioned on a
-constant null text context.
+A pixel-space model folder holds ``lisa_model.json`` (family, task, resolution, objective), the
+network (``unet/`` for UNets, ``transformer/`` for the flow DiT) and ``scheduler/`` in diffusers
+layout; it has no VAE and no text encoder, and is conditioned on a constant null text context.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 class MainModel:
     """The frozen parts of a model family, plus what the trainer must know about them."""
 
-    unet: torch.nn.Module
+    main_network: torch.nn.Module
     scheduler: object
     vae: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
@@ -33,6 +33,8 @@ class MainModel:
     resolution: int = 512
     task: str | None = None
     source: str = ""
+    family: str = "unet"  # "unet" (UNet2DConditionModel) or "sd3" (SD3Transformer2DModel)
+    objective: str = "epsilon"  # "epsilon", "v_prediction" or "flow"
 
     @property
     def is_pixel_space(self) -> bool:
@@ -78,18 +80,31 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def load_pixel_model(folder: Path, allow_pickle: bool = False) -> MainModel:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import (
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     meta = json.loads((folder / PIXEL_MODEL_FILE).read_text())
-    _check_weight_files(folder / "unet", allow_pickle)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=not allow_pickle)
-    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    family = meta.get("family", "unet")
+    network_cls, sub, scheduler_cls = {
+        "unet": (UNet2DConditionModel, "unet", DDPMScheduler),
+        "sd3": (SD3Transformer2DModel, "transformer", FlowMatchEulerDiscreteScheduler),
+    }[family]
+    _check_weight_files(folder / sub, allow_pickle)
+    network = network_cls.from_pretrained(folder / sub, use_safetensors=not allow_pickle)
+    scheduler = scheduler_cls.from_pretrained(folder / "scheduler")
+    objective = meta.get("objective") or scheduler.config.get("prediction_type", "epsilon")
     return MainModel(
-        unet=unet,
+        main_network=network,
         scheduler=scheduler,
         resolution=int(meta["resolution"]),
         task=meta.get("task"),
         source=str(folder),
+        family=family,
+        objective=objective,
     )
 
 
@@ -121,13 +136,14 @@ def load_stable_diffusion(
         ) from None
     resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     return MainModel(
-        unet=unet,
+        main_network=unet,
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         resolution=resolution,
         source=name,
+        objective=scheduler.config.prediction_type,
     )
 
 
@@ -164,9 +180,12 @@ def load_main_model(
     )
 
 
-def load_side_network(name: str, allow_pickle: bool = False):
-    """A ControlNet from a diffusers folder or hub id, refusing pickle weights by default."""
+def load_side_network(name: str, allow_pickle: bool = False, model_cls=None):
+    """A ControlNet (``model_cls``, default ``ControlNetModel``) from a diffusers folder or hub
+    id, refusing pickle weights by default."""
     from diffusers import ControlNetModel
+
+    model_cls = model_cls or ControlNetModel
 
     folder = Path(name)
     if folder.exists():
@@ -180,15 +199,22 @@ def load_side_network(name: str, allow_pickle: bool = False):
     elif not _looks_like_hub_id(name):
         raise ModelError(f"--controlnet_model_name_or_path {name!r} does not exist.")
     try:
-        return ControlNetModel.from_pretrained(name, use_safetensors=not allow_pickle)
+        return model_cls.from_pretrained(name, use_safetensors=not allow_pickle)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a ControlNet from {name!r}: {exc}") from None
 
 
-def save_pixel_model(folder: Path, unet, scheduler, resolution: int, task: str | None, **meta):
+def save_pixel_model(
+    folder: Path, network, scheduler, resolution: int, task: str | None, **meta
+) -> None:
     """Write a pixel-space main model folder (what ``lisa pretrain`` produces)."""
+    from diffusers import SD3Transformer2DModel
+
+    family = "sd3" if isinstance(network, SD3Transformer2DModel) else "unet"
     folder.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    network.save_pretrained(
+        folder / ("transformer" if family == "sd3" else "unet"), safe_serialization=True
+    )
     scheduler.save_pretrained(folder / "scheduler")
-    info = {"resolution": resolution, "task": task, **meta}
+    info = {"family": family, "resolution": resolution, "task": task, **meta}
     (folder / PIXEL_MODEL_FILE).write_text(json.dumps(info, indent=2))

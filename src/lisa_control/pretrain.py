@@ -2,8 +2,9 @@
 
 This is how the project makes the frozen "foundation" networks its embedded default and
 benchmarks start from, since no pretrained model can be downloaded here. The network is a
-diffusers ``UNet2DConditionModel`` conditioned on a constant null text context, so every
-ControlNet tool works on it unchanged. The images of several tasks can be mixed
+diffusers ``UNet2DConditionModel`` (``--architecture unet``, DDPM eps or v objective) or a tiny
+``SD3Transformer2DModel`` flow DiT (``--architecture dit``, rectified flow), conditioned on a
+constant null text context, so every ControlNet tool works on it unchanged. The images of several tasks can be mixed
 (``--task edges,segmentation``) to make one network serve them all.
 
 Writes ``output_dir/model`` (a folder ``lisa train --pretrained_model_name_or_path`` takes, EMA
@@ -35,7 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[48, 96, 96])
     p.add_argument("--layers_per_block", type=int, default=2)
     p.add_argument("--cross_attention_dim", type=int, default=32)
-    p.add_argument("--objective", choices=["epsilon", "v_prediction"], default="epsilon")
+    p.add_argument("--architecture", choices=["unet", "dit"], default="unet")
+    p.add_argument(
+        "--objective",
+        choices=["epsilon", "v_prediction", "flow"],
+        default=None,
+        help="default: epsilon for unet, flow for dit",
+    )
+    p.add_argument("--dit_layers", type=int, default=6)
+    p.add_argument("--dit_heads", type=int, default=4)
+    p.add_argument("--dit_head_dim", type=int, default=32)
     p.add_argument("--train_size", type=int, default=20_000, help="images rendered once")
     p.add_argument("--train_batch_size", type=int, default=128)
     p.add_argument("--max_train_steps", type=int, default=2000)
@@ -70,26 +80,91 @@ def render_dataset(tasks, size: int, seed: int, num_workers: int) -> torch.Tenso
     return torch.cat(chunks)
 
 
-@torch.no_grad()
-def sample_unconditional(unet, scheduler, n, resolution, steps, seed, device) -> torch.Tensor:
-    """DPM-Solver++ samples of the main network alone, in [-1, 1]."""
-    from diffusers import DPMSolverMultistepScheduler
+def null_context(network, batch: int, device):
+    """The constant context the main network is trained and sampled with."""
+    from .encoders import FrozenEncoders
+    from .loading import MainModel
 
-    sampler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    family = "unet" if hasattr(network.config, "cross_attention_dim") else "sd3"
+    model = MainModel(main_network=network, scheduler=None, family=family)
+    return FrozenEncoders(model, device).null_context(batch)
+
+
+def predict(network, x, t, context):
+    """The main network's prediction for either family, with its null context."""
+    t = t.expand(x.shape[0]) if t.ndim == 0 else t
+    if "pooled_projections" in context.extra:
+        return network(
+            hidden_states=x,
+            encoder_hidden_states=context.encoder_hidden_states,
+            pooled_projections=context.extra["pooled_projections"],
+            timestep=t,
+            return_dict=False,
+        )[0]
+    return network(x, t, context.encoder_hidden_states, return_dict=False)[0]
+
+
+@torch.no_grad()
+def sample_unconditional(network, scheduler, n, resolution, steps, seed, device) -> torch.Tensor:
+    """Samples of the main network alone, in [-1, 1] (DPM-Solver++, or Euler for flow)."""
+    from .sampling import init_noise_sigma, scale_model_input
+    from .validation import evaluation_scheduler
+
+    sampler = evaluation_scheduler(scheduler)
     sampler.set_timesteps(steps, device=device)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, unet.config.in_channels, resolution, resolution), generator=g).to(device)
-    x = x * sampler.init_noise_sigma
-    ctx = torch.zeros(n, 1, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    shape = (n, network.config.in_channels, resolution, resolution)
+    x = torch.randn(shape, generator=g).to(device) * init_noise_sigma(sampler)
+    ctx = null_context(network, n, device)
     for t in sampler.timesteps:
-        out = unet(sampler.scale_model_input(x, t).to(unet.dtype), t, ctx, return_dict=False)[0]
+        out = predict(network, scale_model_input(sampler, x, t), t, ctx)
         x = sampler.step(out.float(), t, x).prev_sample
     return x.clamp(-1, 1)
 
 
-def pretrain(args: argparse.Namespace) -> Path:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def build_main_network(args):
+    """(network, scheduler, objective name) for ``--architecture``."""
+    from diffusers import (
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
+    if args.architecture == "dit":
+        from .flow_models import tiny_flow_dit_config
+
+        objective = args.objective or "flow"
+        if objective != "flow":
+            raise ConfigError("--architecture dit trains with --objective flow.")
+        network = SD3Transformer2DModel(
+            **tiny_flow_dit_config(
+                sample_size=args.resolution,
+                num_layers=args.dit_layers,
+                num_attention_heads=args.dit_heads,
+                attention_head_dim=args.dit_head_dim,
+            )
+        )
+        return network, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000), objective
+    objective = args.objective or "epsilon"
+    if objective == "flow":
+        raise ConfigError("--objective flow needs --architecture dit.")
+    network = UNet2DConditionModel(
+        **tiny_unet(
+            sample_size=args.resolution,
+            in_channels=3,
+            block_out_channels=tuple(args.block_out_channels),
+            layers_per_block=args.layers_per_block,
+            cross_attention_dim=args.cross_attention_dim,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", prediction_type=objective
+    )
+    return network, scheduler, objective
+
+
+def pretrain(args: argparse.Namespace) -> Path:
     from .data.tasks import get_task
     from .validation import image_grid, to_uint8
 
@@ -106,20 +181,12 @@ def pretrain(args: argparse.Namespace) -> Path:
     images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
     print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
 
-    unet = UNet2DConditionModel(
-        **tiny_unet(
-            sample_size=args.resolution,
-            in_channels=3,
-            block_out_channels=tuple(args.block_out_channels),
-            layers_per_block=args.layers_per_block,
-            cross_attention_dim=args.cross_attention_dim,
-        )
-    ).to(device)
+    unet, scheduler, objective_name = build_main_network(args)
+    unet = unet.to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", prediction_type=args.objective
+    objective = make_objective(
+        objective_name, scheduler=None if objective_name == "flow" else scheduler
     )
-    objective = make_objective(args.objective, scheduler=scheduler)
     regularizer = None
     if args.regularizer == "layersync":
         from .regularizers.layersync import LayerSync, default_pairs
@@ -134,7 +201,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"main network: {n_params / 1e6:.2f}M parameters on {device}")
 
-    ctx = torch.zeros(args.train_batch_size, 1, args.cross_attention_dim, device=device)
+    ctx = null_context(unet, args.train_batch_size, device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.mixed_precision == "bf16")
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     log = (out / "loss_log.jsonl").open("w")
@@ -145,7 +212,7 @@ def pretrain(args: argparse.Namespace) -> Path:
         x0 = images[idx].float() / 127.5 - 1
         noised = objective.sample(x0)
         with autocast:
-            pred = unet(noised.x_t, noised.timesteps, ctx, return_dict=False)[0]
+            pred = predict(unet, noised.x_t, noised.timesteps, ctx)
             loss = objective.loss(pred, noised)
             record = {"step": step, "diffusion_loss": loss.item()}
             if regularizer is not None:
@@ -197,7 +264,7 @@ def pretrain(args: argparse.Namespace) -> Path:
         args.resolution,
         names[0] if len(names) == 1 else None,
         tasks=names,
-        objective=args.objective,
+        objective=objective_name,
         steps=args.max_train_steps,
         command="lisa pretrain " + " ".join(_argv_of(args)),
     )

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args) -> Path:
-    from .branches import Context, UNetControlNetBranch
+    from .branches import UNetControlNetBranch
     from .data.images import load_image, to_condition_tensor
     from .loading import load_main_model, load_side_network
     from .validation import evaluation_scheduler, image_grid, to_uint8
@@ -40,7 +40,7 @@ def generate(args) -> Path:
         args.pretrained_model_name_or_path, args.task, allow_pickle=args.allow_pickle
     )
     controlnet = load_side_network(args.controlnet, args.allow_pickle)
-    branch = UNetControlNetBranch(model.unet, controlnet).to(device).eval()
+    branch = UNetControlNetBranch(model.main_network, controlnet).to(device).eval()
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
     if len(prompts) != len(args.image):
         raise ConfigError("give one --prompt, or as many as --image.")
@@ -55,20 +55,20 @@ def generate(args) -> Path:
     generator = torch.Generator("cpu").manual_seed(args.seed)
     if model.is_pixel_space:
         from .encoders import FrozenEncoders
-        from .sampling import sample
+        from .sampling import init_noise_sigma, sample
 
         scheduler = evaluation_scheduler(model.scheduler)
         null = FrozenEncoders(model, device).null_context(len(prompts))
         for _ in range(args.num_images):
-            shape = (len(prompts), model.unet.config.in_channels, resolution, resolution)
+            shape = (len(prompts), model.main_network.config.in_channels, resolution, resolution)
             latents = torch.randn(shape, generator=generator).to(device)
             x = sample(
                 branch,
                 conditions.to(device),
-                Context(null),
+                null,
                 scheduler,
                 num_inference_steps=args.num_inference_steps,
-                latents=latents * scheduler.init_noise_sigma,
+                latents=latents * init_noise_sigma(scheduler),
             )
             for row, img in zip(rows, to_uint8(x)):
                 row.append(img)
@@ -79,7 +79,7 @@ def generate(args) -> Path:
             vae=model.vae,
             text_encoder=model.text_encoder,
             tokenizer=model.tokenizer,
-            unet=model.unet,
+            unet=model.main_network,
             controlnet=controlnet,
             scheduler=evaluation_scheduler(model.scheduler),
             safety_checker=None,

@@ -76,6 +76,19 @@ def _guidance_context(positive: Context, negative: Context, batch: int) -> Conte
     return Context(hidden, added, dict(positive.extra))
 
 
+def init_noise_sigma(scheduler) -> float:
+    """The scale of x_T; flow-matching schedulers start from unit noise and have no attribute."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def scale_model_input(scheduler, sample: torch.Tensor, t) -> torch.Tensor:
+    """The scheduler's input scaling (Euler-type samplers divide by sqrt(sigma^2 + 1)); flow-
+    matching schedulers feed x_t as is."""
+    if hasattr(scheduler, "scale_model_input"):
+        return scheduler.scale_model_input(sample, t)
+    return sample
+
+
 def _step_kwargs(scheduler, generator) -> dict:
     # Stochastic schedulers (DDPM, Euler ancestral, SDE solvers) draw their noise from the same
     # generator as x_T, as the pipeline does; deterministic ones do not take it.
@@ -134,7 +147,7 @@ def sample(
         noise_device = generator.device if generator is not None else device
         dtype = context.encoder_hidden_states.dtype
         latents = torch.randn(shape, generator=generator, device=noise_device, dtype=dtype)
-        latents = latents.to(device) * scheduler.init_noise_sigma
+        latents = latents.to(device) * init_noise_sigma(scheduler)
     else:
         latents = latents.to(device)
 
@@ -156,7 +169,7 @@ def sample(
         timesteps = tqdm(timesteps, desc="sampling")
     for t in timesteps:
         model_input = torch.cat([latents, latents]) if do_guidance else latents
-        model_input = scheduler.scale_model_input(model_input, t)
+        model_input = scale_model_input(scheduler, model_input, t)
         prediction = branch(model_input, t, model_context, model_condition, **branch_kwargs).output
         if do_guidance:
             unconditional, conditional = prediction.chunk(2)

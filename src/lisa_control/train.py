@@ -74,16 +74,29 @@ def build_dataset(cfg: TrainConfig, model: MainModel):
 
 
 def build_branch(cfg: TrainConfig, model: MainModel, condition_channels: int):
-    controlnet = None
-    if cfg.controlnet_model_name_or_path:
-        controlnet = load_side_network(cfg.controlnet_model_name_or_path, cfg.allow_pickle)
-    branch = UNetControlNetBranch.from_main(
-        model.unet,
-        controlnet,
-        conditioning_channels=condition_channels,
-        condition_downscale=model.vae_scale_factor,
-    )
-    expected = branch.side_network.config.conditioning_channels
+    """The dual branch of the main model's family, with a new or loaded side network."""
+    if model.family == "sd3":
+        from .branches.sd3_controlnet import SD3ControlNetBranch
+
+        controlnet = None
+        if cfg.controlnet_model_name_or_path:
+            from diffusers import SD3ControlNetModel
+
+            controlnet = load_side_network(
+                cfg.controlnet_model_name_or_path, cfg.allow_pickle, SD3ControlNetModel
+            )
+        branch = SD3ControlNetBranch.from_main(model.main_network, controlnet)
+    else:
+        controlnet = None
+        if cfg.controlnet_model_name_or_path:
+            controlnet = load_side_network(cfg.controlnet_model_name_or_path, cfg.allow_pickle)
+        branch = UNetControlNetBranch.from_main(
+            model.main_network,
+            controlnet,
+            conditioning_channels=condition_channels,
+            condition_downscale=model.vae_scale_factor,
+        )
+    expected = branch.condition_channels
     if expected != condition_channels:
         raise ModelError(
             f"the side network takes {expected}-channel conditions but the data has "
@@ -100,15 +113,14 @@ def build_regularizers(cfg: TrainConfig, branch, sample_size: int) -> list:
     regularizers = []
     for name in names:
         if name == "lisa":
-            from .regularizers.lisa import LikelihoodScoreAlignment
+            from .token_decoders import lisa_for_branch
 
             regularizers.append(
-                LikelihoodScoreAlignment(
-                    branch.side_network,
+                lisa_for_branch(
+                    branch,
                     layer=cfg.lisa_layer,
-                    out_channels=branch.main_network.config.out_channels,
-                    sample_size=sample_size,
                     weight=cfg.lisa_weight,
+                    sample_size=sample_size,
                     distance=cfg.lisa_distance,
                     timestep_range=tuple(cfg.lisa_timestep_range)
                     if cfg.lisa_timestep_range
@@ -177,10 +189,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     condition_channels = getattr(dataset, "condition_channels", 3)
     branch = build_branch(cfg, model, condition_channels)
     regularizers = build_regularizers(cfg, branch, sample_size)
+    objective_name = cfg.prediction_type or model.objective
     objective = make_objective(
-        cfg.prediction_type or model.scheduler.config.prediction_type,
-        scheduler=model.scheduler,
-        timestep_sampler=cfg.timestep_sampler,
+        objective_name,
+        scheduler=None if objective_name == "flow" else model.scheduler,
+        timestep_sampler=cfg.timestep_sampler if objective_name != "flow" else None,
     )
     step_module = ControlTrainingStep(branch, objective, regularizers)
 

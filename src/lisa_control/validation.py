@@ -37,9 +37,12 @@ def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> Image.Image:
 
 
 def evaluation_scheduler(train_scheduler):
-    """DPM-Solver++ from the training scheduler's config, as the LISA authors evaluate."""
-    from diffusers import DPMSolverMultistepScheduler
+    """DPM-Solver++ from the training scheduler's config, as the LISA authors evaluate; flow
+    models keep their Euler flow-matching scheduler."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+    if isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(train_scheduler.config)
     return DPMSolverMultistepScheduler.from_config(train_scheduler.config)
 
 
@@ -74,7 +77,7 @@ class Validator:
 
     @classmethod
     def from_config(cls, cfg, model, dataset, encoders, sample_size: int) -> "Validator":
-        channels = model.unet.config.in_channels
+        channels = model.main_network.config.in_channels
         latent_shape = (channels, sample_size, sample_size)
         common = dict(
             scheduler=evaluation_scheduler(model.scheduler),
@@ -107,12 +110,12 @@ class Validator:
         conds = torch.stack(
             [torch.from_numpy(s.condition).permute(2, 0, 1).float() / 255 for s in held_out]
         )
-        ctx = Context(encoders.null_context(len(held_out)))
+        ctx = encoders.null_context(len(held_out))
         return cls(conds, ctx, None, task=task, task_samples=held_out, **common)
 
     @torch.no_grad()
     def generate(self, branch) -> torch.Tensor:
-        from .sampling import decode, sample
+        from .sampling import decode, init_noise_sigma, sample
 
         device = next(branch.side_network.parameters()).device
         outputs = []
@@ -128,7 +131,7 @@ class Validator:
                 num_inference_steps=self.steps,
                 guidance_scale=self.guidance_scale,
                 negative_context=None if self.negative is None else self.negative.to(device),
-                latents=latents * self.scheduler.init_noise_sigma,
+                latents=latents * init_noise_sigma(self.scheduler),
             )
             outputs.append(decode(self.vae, x0).float().cpu())
         return torch.stack(outputs, dim=1)  # (N, K, 3, H, W)

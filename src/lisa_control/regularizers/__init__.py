@@ -2,9 +2,12 @@
 
 from ..decoders import ScoreDecoder
 from .base import Regularizer, RegularizerOutput, StepState
+from .layersync import LayerSync, default_pairs
 from .lisa import LikelihoodScoreAlignment
 
 __all__ = [
+    "LayerSync",
+    "default_pairs",
     "LikelihoodScoreAlignment",
     "Regularizer",
     "RegularizerOutput",

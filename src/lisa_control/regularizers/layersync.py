@@ -141,7 +141,7 @@ class LayerSync(Regularizer):
     Use inside :class:`~lisa_control.step.ControlTrainingStep` like any regularizer, or in a
     loop of your own::
 
-        layersync = LayerSync(unet, pairs="down_blocks.1->up_blocks.1", weight=0.2)
+        layersync = LayerSync(unet, pairs=default_pairs(unet), weight=0.2)
         prediction = unet(x_t, t, text).sample          # the hooks catch both features
         loss = F.mse_loss(prediction, noise) + layersync.loss().loss
 
@@ -163,8 +163,8 @@ class LayerSync(Regularizer):
         weights = _per_pair_weights(weight, len(layer_pairs))
         self.pairs = [LayerPair(s, d, w) for (s, d), w in zip(layer_pairs, weights)]
         self._network_name = type(network).__name__
-        # Equal-width block pairs to suggest if the chosen pair has unequal widths.
-        self._equal_width_suggestions = _equal_width_pairs(network)[:6]
+        # Kept to suggest equal-width pairs if a chosen pair turns out to have unequal widths.
+        self._blocks = _blocks_in_forward_order(network)
         # One hook per distinct layer, held outside the module tree: the network is not ours.
         clock = itertools.count()
         self._hooks: dict[str, _LayerSyncHook] = {}
@@ -226,10 +226,11 @@ class LayerSync(Regularizer):
                     "(B, C, H, W)."
                 )
         if _channels(shallow) != _channels(deep):
-            suggestions = ", ".join(self._equal_width_suggestions)
+            width = _channels(shallow)
+            suggestions = ", ".join(_equal_width_pairs(self._blocks, pair.shallow, width))
             raise ConfigError(
                 f"LayerSync pair {pair.label!r} compares features of different widths ({shapes}: "
-                f"{_channels(shallow)} vs {_channels(deep)} channels). LayerSync has no "
+                f"{width} vs {_channels(deep)} channels). LayerSync has no "
                 "projection head; pick a deep layer with as many channels as the shallow one"
                 + (f", e.g. {suggestions}." if suggestions else ".")
             )
@@ -290,7 +291,8 @@ def default_pairs(network: nn.Module) -> str:
     """
     blocks = _blocks_in_forward_order(network)
     candidates = [
-        (i, j) for i, j in itertools.combinations(range(len(blocks)), 2)
+        (i, j)
+        for i, j in itertools.combinations(range(len(blocks)), 2)
         if blocks[i][1] == blocks[j][1]
     ]
     if not candidates:
@@ -370,10 +372,8 @@ def _blocks_in_forward_order(network: nn.Module) -> list[tuple[str, int | None]]
     """(layer name, output width) of the network's top-level blocks in the order they run.
     Widths are read from the config where blocks differ (UNets); None where all blocks share
     one width (transformers)."""
-    containers = [
-        (prefix, getattr(network, attr, None))
-        for prefix, attr in (("block_", "controlnet_blocks"), ("single_", "controlnet_single_blocks"))
-    ]
+    alias_containers = (("block_", "controlnet_blocks"), ("single_", "controlnet_single_blocks"))
+    containers = [(prefix, getattr(network, attr, None)) for prefix, attr in alias_containers]
     aliases = [
         (f"{prefix}{k}", None)
         for prefix, container in containers
@@ -406,10 +406,14 @@ def _blocks_in_forward_order(network: nn.Module) -> list[tuple[str, int | None]]
     return blocks
 
 
-def _equal_width_pairs(network: nn.Module) -> list[str]:
-    blocks = _blocks_in_forward_order(network)
-    return [
-        f"'{a}->{b}' ({wa} channels)" if wa is not None else f"'{a}->{b}'"
+def _equal_width_pairs(
+    blocks: list[tuple[str, int | None]], shallow: str, width: int, limit: int = 6
+) -> list[str]:
+    """Pairs of equal-width blocks, those starting at ``shallow`` or of its width first."""
+    pairs = [
+        (a, b, wa)
         for (a, wa), (b, wb) in itertools.combinations(blocks, 2)
-        if wa == wb
+        if wa is not None and wa == wb
     ]
+    pairs.sort(key=lambda p: (p[0] != shallow, p[2] != width))
+    return [f"'{a}->{b}' ({w} channels)" for a, b, w in pairs[:limit]]
