@@ -84,7 +84,7 @@ def _one_channel_controlnet(root: Path, model: Path) -> Path:
 
     from lisa_control.loading import load_main_model
 
-    unet = load_main_model(str(model)).unet
+    unet = load_main_model(str(model)).main_network
     path = root / "gray_controlnet"
     ControlNetModel.from_unet(
         unet, conditioning_channels=1, conditioning_embedding_out_channels=(32,)

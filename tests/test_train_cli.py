@@ -155,7 +155,7 @@ def test_cli_step_equals_library_api_step(assets, tmp_path):
     set_seed(0)
     model = load_main_model(str(model_dir))
     dataset = ControlDataset(data, resolution=16)
-    branch = UNetControlNetBranch.from_main(model.unet, condition_downscale=1)
+    branch = UNetControlNetBranch.from_main(model.main_network, condition_downscale=1)
     lisa = LikelihoodScoreAlignment(branch.side_network, out_channels=3, sample_size=16)
     step = ControlTrainingStep(branch, make_objective("epsilon", model.scheduler), [lisa])
     first = next(ResumableBatchOrder(len(dataset), 2, seed=0).batches())[1]
