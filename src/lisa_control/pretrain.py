@@ -4,8 +4,8 @@ This is how the project makes the frozen "foundation" networks its embedded defa
 benchmarks start from, since no pretrained model can be downloaded here. The network is a
 diffusers ``UNet2DConditionModel`` (``--architecture unet``, DDPM eps or v objective) or a tiny
 ``SD3Transformer2DModel`` flow DiT (``--architecture dit``, rectified flow), conditioned on a
-constant null text context, so every ControlNet tool works on it unchanged. The images of several tasks can be mixed
-(``--task edges,segmentation``) to make one network serve them all.
+constant null text context, so every ControlNet tool works on it unchanged. The images of several
+tasks can be mixed (``--task edges,segmentation``) to make one network serve them all.
 
 Writes ``output_dir/model`` (a folder ``lisa train --pretrained_model_name_or_path`` takes, EMA
 weights), ``loss_log.jsonl``, ``curve.jsonl`` (realism of samples vs step), ``samples/step-N.png``
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--time_budget_s", type=float, default=None, help="stop (and save) after this long"
+    )
+    p.add_argument(
+        "--save_dtype", choices=["fp32", "fp16"], default="fp32", help="fp16 halves the file"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--output_dir", required=True)
     return p
@@ -166,7 +172,6 @@ def build_main_network(args):
 
 def pretrain(args: argparse.Namespace) -> Path:
     from .data.tasks import get_task
-    from .validation import image_grid, to_uint8
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -207,7 +212,13 @@ def pretrain(args: argparse.Namespace) -> Path:
     log = (out / "loss_log.jsonl").open("w")
     curve = (out / "curve.jsonl").open("w")
     t0 = time.perf_counter()
+    last_step = args.max_train_steps
     for step in range(1, args.max_train_steps + 1):
+        out_of_time = args.time_budget_s and time.perf_counter() - t0 > args.time_budget_s
+        if out_of_time:
+            last_step = step - 1
+            print(f"time budget reached at step {last_step}")
+            break
         idx = torch.randint(0, len(images), (args.train_batch_size,), generator=g).to(device)
         x0 = images[idx].float() / 127.5 - 1
         noised = objective.sample(x0)
@@ -231,46 +242,55 @@ def pretrain(args: argparse.Namespace) -> Path:
         record["loss"] = loss.item()
         log.write(json.dumps(record) + "\n")
         if step % args.sample_every == 0 or step == args.max_train_steps:
-            samples = sample_unconditional(
-                ema, scheduler, args.num_samples, args.resolution, args.sample_steps, 1234, device
-            )
-            realism = {t.name: t.realism(samples) for t in tasks}
-            real = {
-                t.name: t.realism(images[: args.num_samples].float() / 127.5 - 1) for t in tasks
-            }
-            point = {
-                "step": step,
-                "seconds": time.perf_counter() - t0,
-                "loss": record["loss"],
-                "realism": realism,
-                "realism_of_training_images": real,
-            }
-            curve.write(json.dumps(point) + "\n")
-            curve.flush()
-            u8 = to_uint8(samples[:64])
-            image_grid([list(u8[i : i + 8]) for i in range(0, len(u8), 8)]).save(
-                out / "samples" / f"step-{step}.png"
-            )
-            print(json.dumps(point))
+            _write_samples(args, tasks, images, ema, scheduler, record, step, t0, out, curve)
+    if last_step % args.sample_every:
+        _write_samples(args, tasks, images, ema, scheduler, record, last_step, t0, out, curve)
     log.close()
     curve.close()
     if regularizer is not None:
         regularizer.remove_hooks()
     model_dir = out / "model"
+    dtype = torch.float16 if args.save_dtype == "fp16" else torch.float32
     save_pixel_model(
         model_dir,
-        ema.to(torch.float32).cpu(),
+        ema.to(dtype).cpu(),
         scheduler,
         args.resolution,
         names[0] if len(names) == 1 else None,
         tasks=names,
         objective=objective_name,
-        steps=args.max_train_steps,
+        steps=last_step,
+        parameters=n_params,
         command="lisa pretrain " + " ".join(_argv_of(args)),
     )
     plot_curve(out)
     print(f"saved main network to {model_dir}")
     return model_dir
+
+
+def _write_samples(args, tasks, images, ema, scheduler, record, step, t0, out, curve):
+    """Sample the EMA network, score realism per task, write a grid and a curve point."""
+    from .validation import image_grid, to_uint8
+
+    device = next(ema.parameters()).device
+    samples = sample_unconditional(
+        ema, scheduler, args.num_samples, args.resolution, args.sample_steps, 1234, device
+    )
+    reference = images[: args.num_samples].float() / 127.5 - 1
+    point = {
+        "step": step,
+        "seconds": time.perf_counter() - t0,
+        "loss": record["loss"],
+        "realism": {t.name: t.realism(samples) for t in tasks},
+        "realism_of_training_images": {t.name: t.realism(reference) for t in tasks},
+    }
+    curve.write(json.dumps(point) + "\n")
+    curve.flush()
+    u8 = to_uint8(samples[:64])
+    image_grid([list(u8[i : i + 8]) for i in range(0, len(u8), 8)]).save(
+        out / "samples" / f"step-{step}.png"
+    )
+    print(json.dumps(point), flush=True)
 
 
 def plot_curve(out: Path) -> None:

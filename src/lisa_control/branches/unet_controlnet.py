@@ -52,11 +52,13 @@ class UNetControlNetBranch(DualBranch):
         shared_encoder_prior: for ``forward(..., with_prior=True)``, compute the UNet's
             embeddings, down blocks and mid block once, without gradient, and run only the up
             path twice (controlled, and under ``no_grad`` for the prior) instead of a second
-            full UNet pass. Same results as the full passes up to float summation order. It falls
-            back to full passes whenever the down path must carry a gradient (x_t, the context or
-            a main-network parameter requires grad).
+            full UNet pass. The same operations on the same tensors, so the same results (bitwise
+            in the fp32 tests). It falls back to the full passes where that would not hold: a
+            gradient through the down path (x_t, the context or a main-network weight requires
+            grad) or something on the UNet's top-level call (hooks, a compile wrapper).
         batched_prior: run the two up paths as one 2B-batch call (see
-            ``unet_split.decode_with_prior``); needs ``shared_encoder_prior``.
+            ``unet_split.decode_with_prior``); needs ``shared_encoder_prior``. Equal up to the
+            kernels' summation order; more backward work, so off unless a benchmark says so.
     """
 
     main_network: UNet2DConditionModel
@@ -169,12 +171,14 @@ class UNetControlNetBranch(DualBranch):
         """Whether the split forward gives the full passes' results here.
 
         Not when running the down path without autograd would drop a gradient (the inputs or a
-        main-network parameter require grad), nor when the main network is not a plain UNet
-        whose blocks the split calls directly (a ``torch.compile`` wrapper, or accelerate's
-        offload hooks, which act on the top-level ``forward`` only).
+        main-network parameter require grad), nor when something acts on the main network's
+        top-level call, which the split forward bypasses by calling its blocks: a
+        ``torch.compile`` wrapper, accelerate's offload hooks, forward (pre-)hooks.
         """
         main = self.main_network
         if not isinstance(main, UNet2DConditionModel) or hasattr(main, "_hf_hook"):
+            return False
+        if main._forward_hooks or main._forward_pre_hooks:
             return False
         if not torch.is_grad_enabled():
             return True
