@@ -29,15 +29,14 @@ def available_tasks() -> list[str]:
 def get_task(name: str, resolution: int = 32, **kwargs) -> ProceduralTask:
     """A new instance of the task called ``name`` at ``resolution`` pixels square."""
     if name not in _TASKS:
-        raise ConfigError(
-            f"unknown task {name!r}; choose one of: {', '.join(available_tasks())}."
-        )
+        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(available_tasks())}.")
     return _TASKS[name](resolution=resolution, **kwargs)
 
 
-# The task modules register themselves on import; they need register_task defined above.
-from . import edges, pose, segmentation, super_resolution  # noqa: E402, F401
+# The task modules, procedural and packaged, register themselves on import, with the
+# register_task defined above.
 from .. import packaged  # noqa: E402, F401
+from . import edges, pose, segmentation, super_resolution  # noqa: E402, F401
 
 __all__ = [
     "ProceduralTask",

@@ -18,6 +18,8 @@ from ...errors import ConfigError
 
 # Seed of the renders that the default realism statistic compares against; any fixed value works.
 REFERENCE_SEED = 20_240_601
+# An image kind (see image_kinds) counts as typical of a task if this share of its renders has it.
+TYPICAL_SHARE = 0.02
 
 
 @dataclass
@@ -66,17 +68,35 @@ def check_batch(pixels: np.ndarray, samples: list[TaskSample]) -> None:
         )
 
 
-def appearance_histogram(pixels: np.ndarray) -> np.ndarray:
-    """Normalised joint histogram (256 bins) of per-pixel colour (4 levels per channel) and local
-    contrast (4 levels of the larger RGB distance to the right and lower neighbour)."""
+def _contrast(pixels: np.ndarray) -> np.ndarray:
+    """(B, H-1, W-1) larger RGB distance of each pixel to its right and lower neighbour."""
     here = pixels[:, :-1, :-1]
     right = np.linalg.norm(pixels[:, :-1, 1:] - here, axis=-1)
     down = np.linalg.norm(pixels[:, 1:, :-1] - here, axis=-1)
-    contrast_bin = np.digitize(np.maximum(right, down), [6.0, 24.0, 72.0])
-    colour_bin = np.minimum(here // 64, 3).astype(np.int64)
+    return np.maximum(right, down)
+
+
+def pixel_histogram(pixels: np.ndarray) -> np.ndarray:
+    """Normalised joint histogram (256 bins) over all pixels of images (B, H, W, 3) on the
+    0..255 scale: colour (4 levels per channel) x local contrast (4 levels)."""
+    contrast_bin = np.digitize(_contrast(pixels), [6.0, 24.0, 72.0])
+    colour_bin = np.minimum(pixels[:, :-1, :-1] // 64, 3).astype(np.int64)
     index = ((colour_bin[..., 0] * 4 + colour_bin[..., 1]) * 4 + colour_bin[..., 2]) * 4
     counts = np.bincount((index + contrast_bin).ravel(), minlength=256).astype(np.float64)
     return counts / counts.sum()
+
+
+def image_kinds(pixels: np.ndarray) -> np.ndarray:
+    """(B,) coarse kind (0..15) of each image: mean brightness (4 levels) x share of pixels with
+    visible local contrast (4 levels). It tells a blank image from a real one whose pixels look
+    the same, e.g. Fashion-MNIST's black background."""
+    brightness_bin = np.digitize(pixels.mean(axis=(1, 2, 3)), [64.0, 128.0, 192.0])
+    busy_bin = np.digitize((_contrast(pixels) > 24.0).mean(axis=(1, 2)), [0.03, 0.1, 0.25])
+    return brightness_bin * 4 + busy_bin
+
+
+def histogram_overlap(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.minimum(p, q).sum())
 
 
 class ProceduralTask:
@@ -90,7 +110,7 @@ class ProceduralTask:
 
     def __init__(self, resolution: int = 32):
         self.resolution = check_resolution(resolution)
-        self._reference_histogram: np.ndarray | None = None
+        self._reference: tuple[np.ndarray, np.ndarray] | None = None  # built by realism()
 
     def render(self, rng: np.random.Generator) -> TaskSample:
         raise NotImplementedError
@@ -107,26 +127,32 @@ class ProceduralTask:
         raise NotImplementedError
 
     def realism(self, images: torch.Tensor) -> float:
-        """Histogram intersection ``sum_b min(p_b, q_b)`` between the appearance histogram (see
-        :func:`appearance_histogram`) of ``images`` and that of this task's own reference renders.
+        """How much ``images`` look like this task's images, in [0, 1]:
 
-        1 means the batch's colours and textures are distributed like the task's images; blank
-        and noise images share few bins with them and score near 0.
+            realism = sum_b min(p_b, q_b) * mean_i [r_k(i) >= TYPICAL_SHARE]
+
+        where p and q are the pixel histograms (:func:`pixel_histogram`) of the batch and of
+        this task's own reference renders, k(i) is image i's kind (:func:`image_kinds`) and r_k
+        the share of reference renders of kind k. A batch of real renders scores near 1 (a bit
+        less for small batches); blank and noise images score near 0.
         """
-        if self._reference_histogram is None:
-            reference = [
-                self.sample(REFERENCE_SEED, i).image for i in range(self.realism_reference_size)
-            ]
-            self._reference_histogram = appearance_histogram(np.stack(reference).astype(np.float32))
-        batch = appearance_histogram(to_pixels(images))
-        return float(np.minimum(batch, self._reference_histogram).sum())
+        if self._reference is None:
+            reference = np.stack(
+                [self.sample(REFERENCE_SEED, i).image for i in range(self.realism_reference_size)]
+            ).astype(np.float32)
+            kinds = np.bincount(image_kinds(reference), minlength=16) / len(reference)
+            self._reference = (pixel_histogram(reference), kinds >= TYPICAL_SHARE)
+        pixels = to_pixels(images)
+        reference_pixels, typical_kinds = self._reference
+        pixel_overlap = histogram_overlap(pixel_histogram(pixels), reference_pixels)
+        return pixel_overlap * float(typical_kinds[image_kinds(pixels)].mean())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(resolution={self.resolution})"
 
 
 class TaskDataset(Dataset):
-    """``size`` samples of ``task`` rendered on the fly: item i is always ``task.sample(seed, i)``."""
+    """``size`` samples of ``task``, rendered on the fly: item i is ``task.sample(seed, i)``."""
 
     def __init__(self, task: ProceduralTask, size: int, seed: int = 0):
         if size < 1:

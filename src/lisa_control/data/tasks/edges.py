@@ -93,7 +93,7 @@ class EdgesTask(EdgeFidelity, ProceduralTask):
 
     def render(self, rng: np.random.Generator) -> TaskSample:
         r = self.resolution
-        background_name = str(rng.choice(list(painting.BACKGROUND_COLOURS)))
+        background_name = painting.choose(rng, list(painting.BACKGROUND_COLOURS))
         base = painting.jitter(rng, painting.BACKGROUND_COLOURS[background_name], 8)
         # a gentle ramp or blotches, at most ~30 levels over the canvas
         pattern = (
@@ -104,7 +104,7 @@ class EdgesTask(EdgeFidelity, ProceduralTask):
         names = painting.pick_distinct(
             rng,
             painting.SHAPE_COLOURS,
-            int(rng.integers(2, 5)),
+            int(rng.integers(2, 4)),
             avoid=[base],
             min_distance=MIN_SHAPE_CONTRAST,
         )
@@ -113,9 +113,9 @@ class EdgesTask(EdgeFidelity, ProceduralTask):
             kind, mask = painting.random_shape(rng, r, 0.14 * r, 0.3 * r)
             colour = painting.jitter(rng, painting.SHAPE_COLOURS[colour_name], 8)
             image = np.where(mask[..., None], self._texture(rng, colour), image)
-            words.append(f"a {colour_name} {kind}")
+            words.append(painting.a(f"{colour_name} {kind}"))
         image_u8 = painting.to_uint8(image)
-        caption = f"{painting.enumerate_words(words)} on a {background_name} background"
+        caption = f"{painting.enumerate_words(words)} on {painting.a(background_name)} background"
         return TaskSample(image_u8, edge_condition(image_u8), caption, {"shapes": len(words)})
 
     def _texture(self, rng: np.random.Generator, colour: np.ndarray) -> np.ndarray:

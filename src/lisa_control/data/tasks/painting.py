@@ -39,6 +39,7 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 
 SHAPE_KINDS = ("circle", "ellipse", "square", "rectangle", "triangle", "pentagon", "hexagon")
+ASPECTS = (0.45, 0.55, 0.65, 0.75)  # of ellipses and rectangles; few, so outlines can be cached
 
 
 @lru_cache(maxsize=16)
@@ -72,7 +73,8 @@ def smooth_noise(
     """
     knots = rng.random((cells, cells, channels), dtype=np.float32)
     m = _interpolation_matrix(cells, resolution)
-    field = np.einsum("yi,ijc,xj->yxc", m, knots, m)
+    rows = (m @ knots.reshape(cells, -1)).reshape(resolution, cells, channels)
+    field = m @ rows  # (H, W, channels): broadcasts over rows
     return field[..., 0] if channels == 1 else field
 
 
@@ -134,53 +136,70 @@ def pick_distinct(
 ) -> list[str]:
     """Up to ``count`` palette names in random order whose colours lie at least ``min_distance``
     (Euclidean RGB) from each other and from every colour in ``avoid``."""
-    chosen: list[str] = []
+    names = list(palette)
+    colours = np.asarray([palette[n] for n in names], dtype=np.float32)
     taken = [np.asarray(c, dtype=np.float32) for c in avoid]
-    for name in rng.permutation(list(palette)):
-        colour = np.asarray(palette[name], dtype=np.float32)
-        if all(np.linalg.norm(colour - other) >= min_distance for other in taken):
-            chosen.append(str(name))
-            taken.append(colour)
+    chosen: list[str] = []
+    for i in rng.permutation(len(names)):
+        if all(((colours[i] - other) ** 2).sum() >= min_distance**2 for other in taken):
+            chosen.append(names[i])
+            taken.append(colours[i])
             if len(chosen) == count:
                 break
     return chosen
 
 
-def shape_outline(kind: str, centre, radius: float, angle: float, aspect: float) -> np.ndarray:
-    """Polygon vertices (N, 2) as (x, y) of a shape of the given kind, ``radius`` from its
-    centre, turned by ``angle`` radians; ``aspect`` squashes ellipses and rectangles."""
+@lru_cache(maxsize=None)
+def _unit_outline(kind: str, aspect: float) -> np.ndarray:
+    """Polygon vertices (N, 2) of a shape of radius 1 around the origin."""
     if kind in ("circle", "ellipse"):
         t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
-        squash = aspect if kind == "ellipse" else 1.0
-        local = np.stack([np.cos(t), squash * np.sin(t)], axis=1)
-    elif kind in ("square", "rectangle"):
-        squash = aspect if kind == "rectangle" else 1.0
+        return np.stack([np.cos(t), aspect * np.sin(t)], axis=1)
+    if kind in ("square", "rectangle"):
         # 0.8: a square of half-width r looks bigger than a circle of radius r
-        local = 0.8 * np.array([[-1, -squash], [1, -squash], [1, squash], [-1, squash]])
-    else:
-        sides = {"triangle": 3, "pentagon": 5, "hexagon": 6}[kind]
-        t = np.linspace(0, 2 * np.pi, sides, endpoint=False)
-        local = np.stack([np.cos(t), np.sin(t)], axis=1)
-    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    return np.asarray(centre, dtype=np.float64) + radius * local @ turn.T
+        return 0.8 * np.array([[-1, -aspect], [1, -aspect], [1, aspect], [-1, aspect]])
+    sides = {"triangle": 3, "pentagon": 5, "hexagon": 6}[kind]
+    t = np.linspace(0, 2 * np.pi, sides, endpoint=False)
+    return np.stack([np.cos(t), np.sin(t)], axis=1)
+
+
+def shape_outline(kind: str, centre, radius: float, angle: float, aspect: float) -> np.ndarray:
+    """Polygon vertices (N, 2) as (x, y) of a shape of the given kind, ``radius`` from its
+    centre, turned by ``angle`` radians; ``aspect`` (one of :data:`ASPECTS`) squashes ellipses
+    and rectangles."""
+    squashed = kind in ("ellipse", "rectangle")
+    local = _unit_outline(kind, aspect if squashed else 1.0)
+    c, s = np.cos(angle), np.sin(angle)
+    turn = np.array([[c, s], [-s, c]])  # rotation, transposed for row vectors
+    return np.asarray(centre, dtype=np.float64) + radius * (local @ turn)
 
 
 def polygon_mask(resolution: int, vertices: np.ndarray) -> np.ndarray:
     """Boolean (H, W) mask of a filled polygon."""
     canvas = Image.new("L", (resolution, resolution), 0)
-    ImageDraw.Draw(canvas).polygon([tuple(v) for v in vertices.tolist()], fill=255)
-    return np.asarray(canvas) > 0
+    ImageDraw.Draw(canvas).polygon(vertices.ravel().tolist(), fill=255)
+    return np.frombuffer(canvas.tobytes(), dtype=np.uint8).reshape(resolution, resolution) > 0
+
+
+def choose(rng: np.random.Generator, options):
+    """One element of a sequence (faster than ``rng.choice`` on short lists)."""
+    return options[int(rng.integers(len(options)))]
 
 
 def random_shape(
     rng: np.random.Generator, resolution: int, min_radius: float, max_radius: float
 ) -> tuple[str, np.ndarray]:
     """(kind, mask) of one random shape whose centre lies on the canvas."""
-    kind = str(rng.choice(SHAPE_KINDS))
+    kind = choose(rng, SHAPE_KINDS)
     radius = rng.uniform(min_radius, max_radius)
     centre = rng.uniform(0.15 * resolution, 0.85 * resolution, size=2)
-    outline = shape_outline(kind, centre, radius, rng.uniform(0, np.pi), rng.uniform(0.45, 0.75))
+    outline = shape_outline(kind, centre, radius, rng.uniform(0, np.pi), choose(rng, ASPECTS))
     return kind, polygon_mask(resolution, outline)
+
+
+def a(noun_phrase: str) -> str:
+    """The phrase with its indefinite article: 'a red circle', 'an orange square'."""
+    return ("an " if noun_phrase[:1] in "aeiou" else "a ") + noun_phrase
 
 
 def enumerate_words(words: list[str]) -> str:

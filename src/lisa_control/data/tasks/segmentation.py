@@ -108,7 +108,7 @@ class SegmentationTask(SegmentationFidelity, ProceduralTask):
             kind, mask = painting.random_shape(rng, r, 0.15 * r, 0.3 * r)
             image = np.where(mask[..., None], self._paint(rng, CLASSES[c]), image)
             labels[mask] = c
-            words.append(f"a {CLASSES[c].name} {kind}")
+            words.append(painting.a(f"{CLASSES[c].name} {kind}"))
         caption = f"{painting.enumerate_words(words)} on grey"
         condition = PALETTE[labels]
         return TaskSample(painting.to_uint8(image), condition, caption, {"labels": labels})

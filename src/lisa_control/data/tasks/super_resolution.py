@@ -66,23 +66,23 @@ class SuperResolutionTask(SuperResolutionFidelity, ProceduralTask):
 
     def render(self, rng: np.random.Generator) -> TaskSample:
         r = self.resolution
-        background_name = str(rng.choice(list(painting.BACKGROUND_COLOURS)))
+        background_name = painting.choose(rng, list(painting.BACKGROUND_COLOURS))
         base = painting.jitter(rng, painting.BACKGROUND_COLOURS[background_name], 12)
         tint = painting.smooth_noise(rng, r, int(rng.integers(2, 5)), channels=3) - 0.5
         image = base + 60 * tint + 40 * (painting.gradient(rng, r)[..., None] - 0.5)
 
         words = []
         for _ in range(int(rng.integers(3, 7))):
-            colour_name = str(rng.choice(list(painting.SHAPE_COLOURS)))
+            colour_name = painting.choose(rng, list(painting.SHAPE_COLOURS))
             kind, mask = painting.random_shape(rng, r, 0.1 * r, 0.3 * r)
             colour = painting.jitter(rng, painting.SHAPE_COLOURS[colour_name], 12)
             texture, pattern = self._pattern(rng)
             contrast = rng.uniform(20, 70)
             fill = painting.fill(pattern, colour - contrast / 2, colour + contrast / 2)
             image = np.where(mask[..., None], fill, image)
-            words.append(f"a {colour_name} {texture}{kind}")
+            words.append(painting.a(f"{colour_name} {texture}{kind}"))
         image_u8 = painting.to_uint8(image)
-        caption = f"{painting.enumerate_words(words)} on a {background_name} background"
+        caption = f"{painting.enumerate_words(words)} on {painting.a(background_name)} background"
         return TaskSample(image_u8, low_resolution_condition(image_u8), caption)
 
     def _pattern(self, rng: np.random.Generator) -> tuple[str, np.ndarray]:
@@ -97,6 +97,7 @@ class SuperResolutionTask(SuperResolutionFidelity, ProceduralTask):
             period = rng.uniform(0.1, 0.25) * r
             return "striped ", painting.stripes(rng, r, period, hard=rng.random() < 0.5)
         if kind == 3:
-            return "checked ", painting.checks(rng, r, max(2, int(round(rng.uniform(0.06, 0.12) * r))))
+            cell = max(2, int(round(rng.uniform(0.06, 0.12) * r)))
+            return "checked ", painting.checks(rng, r, cell)
         period = max(3, int(round(rng.uniform(0.1, 0.18) * r)))
         return "dotted ", painting.dots(rng, r, period, 0.3 * period)
