@@ -67,6 +67,12 @@ def build_parser():
     p.add_argument("--run_dir", default="runs/convergence")
     p.add_argument("--out", default="benchmarks/results/convergence.json")
     p.add_argument("--summarize_only", action="store_true")
+    p.add_argument(
+        "--deadline_s",
+        type=float,
+        default=None,
+        help="stop runs still going after this long and summarize the evaluations they made",
+    )
     return p
 
 
@@ -101,7 +107,17 @@ def launch_all(args) -> None:
     jobs = [(t, v, s) for s in args.seeds for t in args.tasks for v in args.variants]
     running: list[tuple[subprocess.Popen, tuple]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    start = time.time()
     while jobs or running:
+        if args.deadline_s and time.time() - start > args.deadline_s:
+            for proc, job in running:
+                proc.terminate()
+                print(f"deadline: stopped {job}", flush=True)
+            for proc, _ in running:
+                proc.wait()
+            if jobs:
+                print(f"deadline: {len(jobs)} runs never started", flush=True)
+            return
         while jobs and len(running) < args.parallel:
             job = jobs.pop(0)
             flags = run_flags(args, *job)
@@ -177,14 +193,20 @@ def summarize(args) -> dict:
             ratios = []
             for r in runs:
                 ref = plain.get(r["seed"])
-                if ref is None or len(ref["curve"]) < 3:
+                if ref is None:
                     continue
-                final = statistics.fmean(v for _, v in ref["curve"][-3:])
-                s_plain = reach_step(ref["curve"], final)
-                s_var = reach_step(r["curve"], final)
+                # Compare over the steps both runs reached (a deadline may cut runs short).
+                common = min(len(ref["curve"]), len(r["curve"]))
+                ref_curve, var_curve = ref["curve"][:common], r["curve"][:common]
+                if common < 3:
+                    continue
+                final = statistics.fmean(v for _, v in ref_curve[-3:])
+                s_plain = reach_step(ref_curve, final)
+                s_var = reach_step(var_curve, final)
                 ratios.append(
                     {
                         "seed": r["seed"],
+                        "steps_compared": ref_curve[-1][0],
                         "plain_final": final,
                         "plain_steps": s_plain,
                         "variant_steps": s_var,

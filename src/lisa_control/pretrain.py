@@ -162,6 +162,7 @@ def build_main_network(args):
             block_out_channels=tuple(args.block_out_channels),
             layers_per_block=args.layers_per_block,
             cross_attention_dim=args.cross_attention_dim,
+            attention_at_full_resolution=False,
         )
     )
     scheduler = DDPMScheduler(

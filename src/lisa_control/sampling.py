@@ -170,7 +170,11 @@ def sample(
     for t in timesteps:
         model_input = torch.cat([latents, latents]) if do_guidance else latents
         model_input = scale_model_input(scheduler, model_input, t)
-        prediction = branch(model_input, t, model_context, model_condition, **branch_kwargs).output
+        # One timestep per sample: transformers (SD3, Flux) need a 1-d tensor; UNets broadcast.
+        t_batch = t.expand(model_input.shape[0]) if torch.is_tensor(t) and t.ndim == 0 else t
+        prediction = branch(
+            model_input, t_batch, model_context, model_condition, **branch_kwargs
+        ).output
         if do_guidance:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
