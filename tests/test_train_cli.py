@@ -66,8 +66,14 @@ def test_training_run_writes_everything_and_side_network_loads_in_diffusers(asse
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     for ckpt in out.glob("checkpoint-*"):
         names = {p.name for p in ckpt.iterdir()}
-        assert {"side_network", "regularizers.safetensors", "optimizer.pt", "lr_scheduler.pt",
-                "rng_0.pt", "trainer_state.json"} <= names
+        assert {
+            "side_network",
+            "regularizers.safetensors",
+            "optimizer.pt",
+            "lr_scheduler.pt",
+            "rng_0.pt",
+            "trainer_state.json",
+        } <= names
     assert (out / "validation" / "step-2.png").is_file()
     assert (out / "validation" / "step-4.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*")), "no tensorboard events"
@@ -98,8 +104,12 @@ def test_kill_and_resume_gives_the_same_loss_sequence(assets, tmp_path):
     proc.wait()
     assert len(read_log(log)) < steps, "the run finished before it was killed"
     resumed = run_cli(
-        ["train", *train_args(model, data, broken, steps, **args), "--resume_from_checkpoint",
-         "latest"]
+        [
+            "train",
+            *train_args(model, data, broken, steps, **args),
+            "--resume_from_checkpoint",
+            "latest",
+        ]
     )
     assert resumed.wait(300) == 0
     a, b = read_log(ref / "loss_log.jsonl"), read_log(log)
@@ -118,10 +128,24 @@ def test_accelerate_launch_two_cpu_processes_agree(assets, tmp_path):
     out = tmp_path / "ddp"
     # `--cpu` makes accelerate start a single process; the torchrun launcher (--multi_gpu) on a
     # machine without GPUs gives two processes in a gloo group, which is what we want to test.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "lisa_control", "train",
-           *train_args(model, data, out, steps=3, validation_steps=1000, report_to="none")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "lisa_control",
+        "train",
+        *train_args(model, data, out, steps=3, validation_steps=1000, report_to="none"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,15 +195,91 @@ def test_stable_diffusion_folder_trains_and_samples_with_stock_pipeline(tmp_path
     model = make_sd_model(tmp_path / "sd")
     data = make_image_folder(tmp_path / "data64", n=4, size=64)
     out = tmp_path / "run"
-    args = train_args(model, data, out, steps=2, resolution=64, validation_guidance_scale=3.0,
-                      report_to="none")
+    args = train_args(
+        model, data, out, steps=2, resolution=64, validation_guidance_scale=3.0, report_to="none"
+    )
     assert main(["train", *args]) == 0
     assert (out / "validation" / "step-2.png").is_file()
-    assert main(["sample", "--controlnet", str(out / "controlnet"), "--image",
-                 str(data / "cond0.png"), "--prompt", "a red circle",
-                 "--pretrained_model_name_or_path", str(model), "--num_inference_steps", "2",
-                 "--output", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--controlnet",
+                str(out / "controlnet"),
+                "--image",
+                str(data / "cond0.png"),
+                "--prompt",
+                "a red circle",
+                "--pretrained_model_name_or_path",
+                str(model),
+                "--num_inference_steps",
+                "2",
+                "--output",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     grid = Image.open(tmp_path / "s.png")
     assert grid.size[1] >= 64 and grid.size[0] >= 128  # condition | sample
+
+
+def _make_flow_model(folder: Path, family: str) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lisa_control.flow_models import tiny_flux_transformer, tiny_sd3_transformer
+    from lisa_control.loading import save_pixel_model
+
+    torch.manual_seed(3)
+    if family == "flux":
+        network = tiny_flux_transformer(latent_channels=3, num_layers=1, num_single_layers=1)
+    else:
+        network = tiny_sd3_transformer(
+            sample_size=16, num_layers=2, num_attention_heads=2, attention_head_dim=8
+        )
+    save_pixel_model(folder, network, FlowMatchEulerDiscreteScheduler(), 16, None, objective="flow")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "family,side_network,stock",
+    [
+        ("unet", "t2i_adapter", "T2IAdapter"),
+        ("sd3", "controlnet", "SD3ControlNetModel"),
+        ("flux", "controlnet", "FluxControlNetModel"),
+    ],
+)
+def test_every_family_trains_resumes_and_saves_a_stock_side_network(
+    assets, tmp_path, family, side_network, stock
+):
+    """`lisa train` runs each dual-branch family (issue 6) with LISA; a resumed run continues
+    the same losses; the saved side network loads with its stock diffusers class."""
+    import diffusers
+
+    unet_model, data = assets
+    model = unet_model if family == "unet" else _make_flow_model(tmp_path / family, family)
+    common = dict(side_network=side_network, validation_steps=4)
+    full = tmp_path / "full"
+    assert main(["train", *train_args(model, data, full, **common)]) == 0
+    broken = tmp_path / "broken"
+    assert main(["train", *train_args(model, data, broken, steps=2, **common)]) == 0
+    resumed = train_args(model, data, broken, resume_from_checkpoint="latest", **common)
+    assert main(["train", *resumed]) == 0
+    losses = [r["loss"] for r in read_log(full / "loss_log.jsonl")]
+    assert [r["loss"] for r in read_log(broken / "loss_log.jsonl")] == pytest.approx(
+        losses, abs=1e-6
+    )
+    assert all("aux_loss" in r for r in read_log(full / "loss_log.jsonl"))
+    side = getattr(diffusers, stock).from_pretrained(full / "controlnet")
+    assert sum(p.numel() for p in side.parameters()) > 0
+    assert (full / "validation" / "step-4.png").is_file()
+
+
+def test_unknown_family_side_network_pair_is_refused(assets, tmp_path, capsys):
+    model, data = _make_flow_model(tmp_path / "sd3", "sd3"), assets[1]
+    argv = train_args(model, data, tmp_path / "out", side_network="t2i_adapter")
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "t2i_adapter" in err and "--side_network controlnet" in err

@@ -70,6 +70,7 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    side_network: str = "controlnet"
     # regularizers
     regularizer: str = "lisa"
     lisa_weight: float = 0.2
@@ -86,6 +87,7 @@ class TrainConfig:
     validation_steps: int = 100
     validation_inference_steps: int = 20
     validation_guidance_scale: float = 1.0
+    validation_feature_distance: bool = False
     report_to: str = "tensorboard"
     logging_dir: str = "logs"
     tracker_project_name: str = "lisa_control"
@@ -106,6 +108,7 @@ class TrainConfig:
             "seed",
             "train_batch_size",
             "gradient_accumulation_steps",
+            "side_network",
             "regularizer",
             "lisa_weight",
             "lisa_layer",
@@ -132,6 +135,7 @@ _CHOICES = {
         "constant_with_warmup",
     ),
     "on_nonfinite": ("stop", "skip"),
+    "side_network": ("controlnet", "t2i_adapter"),
     "lisa_distance": ("mse", "cosine"),
     "timestep_sampler": ("uniform", "logit_normal", "cubic"),
     "prediction_type": (None, "epsilon", "v_prediction", "flow"),
@@ -145,6 +149,8 @@ _HELP = {
     "allow_pickle": "allow loading .bin/.pt weights (pickle can run code; off by default)",
     "task": "an embedded procedural task (pose, edges, segmentation, super_resolution, ...) "
     "instead of a dataset",
+    "side_network": "controlnet (default; UNet, SD3 and Flux main networks) or t2i_adapter "
+    "(UNet main networks)",
     "regularizer": "lisa (default), none (plain ControlNet), layersync or lisa+layersync",
     "lisa_weight": "lambda, the weight of the LISA loss (paper: 0.2)",
     "lisa_layer": "side-network layer LISA reads: down_0..down_11, mid, or a module path "
@@ -153,6 +159,8 @@ _HELP = {
     "on_nonfinite": "on a NaN/Inf loss or gradient: stop (default) or skip the step",
     "config": "YAML or TOML file with the same keys as the flags",
     "cache_latents": "encode images and captions once and keep them in memory",
+    "validation_feature_distance": "with --task: also score validation samples by a Fréchet "
+    "distance on features of a small network trained on the task's renders (not Inception FID)",
 }
 
 

@@ -54,14 +54,20 @@ class FrozenEncoders:
 
     def null_context(self, batch: int) -> Context:
         """The constant context of a model trained without text: one zero token (and, for SD3-
-        style transformers, a zero pooled vector)."""
+        style and Flux transformers, a zero pooled vector)."""
         config = self.model.main_network.config
-        if self.model.family == "sd3":
+        if self.model.family in ("sd3", "flux"):
             from .flow_models import null_text_context
 
             return null_text_context(config, batch, self.device, self.dtype)
         tokens = torch.zeros(batch, 1, config.cross_attention_dim, device=self.device)
         return Context(encoder_hidden_states=tokens.to(self.dtype))
+
+    def prompt_context(self, captions: list[str]) -> Context:
+        """The context of ``captions``; the null context for models trained without text."""
+        if self.model.text_encoder is None:
+            return self.null_context(len(captions))
+        return Context(encoder_hidden_states=self._prompts(captions))
 
     def _cached(self, store, indices, compute):
         missing = [i for i, idx in enumerate(indices) if idx not in store]

@@ -33,12 +33,20 @@ class MainModel:
     resolution: int = 512
     task: str | None = None
     source: str = ""
-    family: str = "unet"  # "unet" (UNet2DConditionModel) or "sd3" (SD3Transformer2DModel)
+    # "unet" (UNet2DConditionModel), "sd3" (SD3Transformer2DModel), "flux" (FluxTransformer2DModel)
+    family: str = "unet"
     objective: str = "epsilon"  # "epsilon", "v_prediction" or "flow"
 
     @property
     def is_pixel_space(self) -> bool:
         return self.vae is None
+
+    @property
+    def sample_channels(self) -> int:
+        """Channels of the image-shaped sample the objective noises (Flux transformers take it
+        packed, 2x2 patches per token, so their ``in_channels`` is four times this)."""
+        channels = self.main_network.config.in_channels
+        return channels // 4 if self.family == "flux" else channels
 
     @property
     def vae_scale_factor(self) -> int:
@@ -83,16 +91,24 @@ def load_pixel_model(folder: Path, allow_pickle: bool = False) -> MainModel:
     from diffusers import (
         DDPMScheduler,
         FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
         SD3Transformer2DModel,
         UNet2DConditionModel,
     )
 
     meta = json.loads((folder / PIXEL_MODEL_FILE).read_text())
     family = meta.get("family", "unet")
-    network_cls, sub, scheduler_cls = {
+    families = {
         "unet": (UNet2DConditionModel, "unet", DDPMScheduler),
         "sd3": (SD3Transformer2DModel, "transformer", FlowMatchEulerDiscreteScheduler),
-    }[family]
+        "flux": (FluxTransformer2DModel, "transformer", FlowMatchEulerDiscreteScheduler),
+    }
+    if family not in families:
+        raise ModelError(
+            f"{folder / PIXEL_MODEL_FILE} names the model family {family!r}; this version knows "
+            f"{', '.join(families)}. Re-save the model with `lisa pretrain` or fix the file."
+        )
+    network_cls, sub, scheduler_cls = families[family]
     _check_weight_files(folder / sub, allow_pickle)
     network = network_cls.from_pretrained(folder / sub, use_safetensors=not allow_pickle)
     scheduler = scheduler_cls.from_pretrained(folder / "scheduler")
@@ -208,12 +224,14 @@ def save_pixel_model(
     folder: Path, network, scheduler, resolution: int, task: str | None, **meta
 ) -> None:
     """Write a pixel-space main model folder (what ``lisa pretrain`` produces)."""
-    from diffusers import SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    family = "sd3" if isinstance(network, SD3Transformer2DModel) else "unet"
+    family = {SD3Transformer2DModel: "sd3", FluxTransformer2DModel: "flux"}.get(
+        type(network), "unet"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     network.save_pretrained(
-        folder / ("transformer" if family == "sd3" else "unet"), safe_serialization=True
+        folder / ("unet" if family == "unet" else "transformer"), safe_serialization=True
     )
     scheduler.save_pretrained(folder / "scheduler")
     info = {"family": family, "resolution": resolution, "task": task, **meta}

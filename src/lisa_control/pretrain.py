@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample_every", type=int, default=500)
     p.add_argument("--num_samples", type=int, default=64)
     p.add_argument("--sample_steps", type=int, default=25)
+    p.add_argument(
+        "--feature_distance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score samples by the task-feature Fréchet distance (not Inception FID)",
+    )
+    p.add_argument("--feature_network_steps", type=int, default=1500)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0)
@@ -210,6 +217,17 @@ def pretrain(args: argparse.Namespace) -> Path:
     ctx = null_context(unet, args.train_batch_size, device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.mixed_precision == "bf16")
     g = torch.Generator(device="cpu").manual_seed(args.seed)
+    distances = {}
+    if args.feature_distance:
+        from .feature_distance import TaskFeatureDistance
+
+        distances = {
+            t.name: TaskFeatureDistance(
+                t, train_steps=args.feature_network_steps, device=device
+            ).prepare()
+            for t in tasks
+        }
+        print("feature networks:", {n: round(d.accuracy, 3) for n, d in distances.items()})
     log = (out / "loss_log.jsonl").open("w")
     curve = (out / "curve.jsonl").open("w")
     t0 = time.perf_counter()
@@ -243,9 +261,13 @@ def pretrain(args: argparse.Namespace) -> Path:
         record["loss"] = loss.item()
         log.write(json.dumps(record) + "\n")
         if step % args.sample_every == 0 or step == args.max_train_steps:
-            _write_samples(args, tasks, images, ema, scheduler, record, step, t0, out, curve)
+            _write_samples(
+                args, tasks, images, ema, scheduler, record, step, t0, out, curve, distances
+            )
     if last_step % args.sample_every:
-        _write_samples(args, tasks, images, ema, scheduler, record, last_step, t0, out, curve)
+        _write_samples(
+            args, tasks, images, ema, scheduler, record, last_step, t0, out, curve, distances
+        )
     log.close()
     curve.close()
     if regularizer is not None:
@@ -269,7 +291,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     return model_dir
 
 
-def _write_samples(args, tasks, images, ema, scheduler, record, step, t0, out, curve):
+def _write_samples(args, tasks, images, ema, scheduler, record, step, t0, out, curve, distances):
     """Sample the EMA network, score realism per task, write a grid and a curve point."""
     from .validation import image_grid, to_uint8
 
@@ -285,6 +307,8 @@ def _write_samples(args, tasks, images, ema, scheduler, record, step, t0, out, c
         "realism": {t.name: t.realism(samples) for t in tasks},
         "realism_of_training_images": {t.name: t.realism(reference) for t in tasks},
     }
+    if distances:
+        point["feature_distance"] = {name: fd(samples) for name, fd in distances.items()}
     curve.write(json.dumps(point) + "\n")
     curve.flush()
     u8 = to_uint8(samples[:64])
@@ -302,7 +326,11 @@ def plot_curve(out: Path) -> None:
 
     losses = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     points = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    with_distance = bool(points) and "feature_distance" in points[0]
+    fig, axes = plt.subplots(
+        1, 3 if with_distance else 2, figsize=(15 if with_distance else 10, 3.5)
+    )
+    a, b = axes[0], axes[1]
     steps = [r["step"] for r in losses]
     raw = torch.tensor([r["diffusion_loss"] for r in losses])
     k = max(1, len(raw) // 100)
@@ -315,6 +343,13 @@ def plot_curve(out: Path) -> None:
     b.set_xlabel("step")
     b.set_ylabel("realism of samples")
     b.legend()
+    if with_distance:
+        c = axes[2]
+        for name in points[0]["feature_distance"]:
+            c.plot([p["step"] for p in points], [p["feature_distance"][name] for p in points])
+        c.set_xlabel("step")
+        c.set_ylabel("task-feature Fréchet distance")
+        c.set_yscale("log")
     fig.tight_layout()
     fig.savefig(out / "training_curve.png", dpi=100)
     plt.close(fig)

@@ -60,7 +60,7 @@ def generate(args) -> Path:
         scheduler = evaluation_scheduler(model.scheduler)
         null = FrozenEncoders(model, device).null_context(len(prompts))
         for _ in range(args.num_images):
-            shape = (len(prompts), model.main_network.config.in_channels, resolution, resolution)
+            shape = (len(prompts), model.sample_channels, resolution, resolution)
             latents = torch.randn(shape, generator=generator).to(device)
             x = sample(
                 branch,

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoint as ckpt
-from .branches import UNetControlNetBranch
+from .branches import branch_class
 from .config import TrainConfig
 from .encoders import FrozenEncoders
 from .errors import CheckpointError, ConfigError, ModelError, NonFiniteLossError
@@ -75,27 +75,19 @@ def build_dataset(cfg: TrainConfig, model: MainModel):
 
 def build_branch(cfg: TrainConfig, model: MainModel, condition_channels: int):
     """The dual branch of the main model's family, with a new or loaded side network."""
-    if model.family == "sd3":
-        from .branches.sd3_controlnet import SD3ControlNetBranch
+    import diffusers
 
-        controlnet = None
-        if cfg.controlnet_model_name_or_path:
-            from diffusers import SD3ControlNetModel
-
-            controlnet = load_side_network(
-                cfg.controlnet_model_name_or_path, cfg.allow_pickle, SD3ControlNetModel
-            )
-        branch = SD3ControlNetBranch.from_main(model.main_network, controlnet)
-    else:
-        controlnet = None
-        if cfg.controlnet_model_name_or_path:
-            controlnet = load_side_network(cfg.controlnet_model_name_or_path, cfg.allow_pickle)
-        branch = UNetControlNetBranch.from_main(
-            model.main_network,
-            controlnet,
-            conditioning_channels=condition_channels,
-            condition_downscale=model.vae_scale_factor,
+    cls = branch_class(model.family, cfg.side_network)
+    side_network = None
+    if cfg.controlnet_model_name_or_path:
+        side_network = load_side_network(
+            cfg.controlnet_model_name_or_path,
+            cfg.allow_pickle,
+            getattr(diffusers, cls.side_network_class),
         )
+    branch = cls.for_training(
+        model.main_network, side_network, condition_channels, model.vae_scale_factor
+    )
     expected = branch.condition_channels
     if expected != condition_channels:
         raise ModelError(

@@ -61,6 +61,7 @@ class Validator:
         seed: int = 0,
         task=None,
         task_samples=None,
+        feature_distance=None,
     ):
         self.conditions = conditions
         self.contexts = contexts
@@ -74,10 +75,11 @@ class Validator:
         self.seed = seed
         self.task = task
         self.task_samples = task_samples
+        self.feature_distance = feature_distance
 
     @classmethod
     def from_config(cls, cfg, model, dataset, encoders, sample_size: int) -> "Validator":
-        channels = model.main_network.config.in_channels
+        channels = model.sample_channels
         latent_shape = (channels, sample_size, sample_size)
         common = dict(
             scheduler=evaluation_scheduler(model.scheduler),
@@ -96,10 +98,8 @@ class Validator:
             images = images * n if len(images) == 1 else images
             prompts = prompts * n if len(prompts) == 1 else prompts
             conds = torch.stack([to_condition_tensor(load_image(p), resolution) for p in images])
-            ctx = Context(encoders._prompts(prompts))
-            neg = (
-                Context(encoders._prompts([""] * n)) if cfg.validation_guidance_scale > 1 else None
-            )
+            ctx = encoders.prompt_context(prompts)
+            neg = encoders.prompt_context([""] * n) if cfg.validation_guidance_scale > 1 else None
             return cls(conds, ctx, neg, samples_per_condition=cfg.num_validation_images, **common)
         task = dataset.task
         # A held-out seed the training stream (seed, index) never reaches.
@@ -111,7 +111,21 @@ class Validator:
             [torch.from_numpy(s.condition).permute(2, 0, 1).float() / 255 for s in held_out]
         )
         ctx = encoders.null_context(len(held_out))
-        return cls(conds, ctx, None, task=task, task_samples=held_out, **common)
+        feature_distance = None
+        if cfg.validation_feature_distance:
+            from .feature_distance import TaskFeatureDistance
+
+            # One fixed yardstick for every run and seed, so their numbers compare.
+            feature_distance = TaskFeatureDistance(task)
+        return cls(
+            conds,
+            ctx,
+            None,
+            task=task,
+            task_samples=held_out,
+            feature_distance=feature_distance,
+            **common,
+        )
 
     @torch.no_grad()
     def generate(self, branch) -> torch.Tensor:
@@ -152,4 +166,7 @@ class Validator:
         image_grid(rows).save(out_dir / f"step-{step}.png")
         if self.task is None:
             return {}
-        return self.task.fidelity(images[:, 0], self.task_samples)
+        scores = self.task.fidelity(images[:, 0], self.task_samples)
+        if self.feature_distance is not None:
+            scores["feature_distance"] = self.feature_distance(images[:, 0])
+        return scores

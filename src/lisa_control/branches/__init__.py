@@ -1,12 +1,34 @@
 """Dual-branch adapters, one model family per module."""
 
+from ..errors import ConfigError
 from .base import Context, DualBranch, Prediction
 from .flux_controlnet import FluxControlNetBranch
 from .sd3_controlnet import PreconditionedFlowObjective, SD3ControlNetBranch
 from .t2i_adapter import T2IAdapterBranch
 from .unet_controlnet import UNetControlNetBranch
 
+# (main-network family, side-network kind) -> branch; `lisa train --side_network` picks the kind.
+BRANCHES: dict[tuple[str, str], type[DualBranch]] = {
+    ("unet", "controlnet"): UNetControlNetBranch,
+    ("unet", "t2i_adapter"): T2IAdapterBranch,
+    ("sd3", "controlnet"): SD3ControlNetBranch,
+    ("flux", "controlnet"): FluxControlNetBranch,
+}
+
+
+def branch_class(family: str, side_network: str = "controlnet") -> type[DualBranch]:
+    """The branch for a main network of ``family`` with a side network of kind ``side_network``."""
+    if (family, side_network) not in BRANCHES:
+        kinds = sorted(k for f, k in BRANCHES if f == family)
+        raise ConfigError(
+            f"no {side_network!r} side network for a {family!r} main network; this family "
+            f"takes --side_network {' or '.join(kinds) or '(none)'}."
+        )
+    return BRANCHES[(family, side_network)]
+
+
 __all__ = [
+    "BRANCHES",
     "Context",
     "DualBranch",
     "FluxControlNetBranch",
@@ -15,4 +37,5 @@ __all__ = [
     "SD3ControlNetBranch",
     "T2IAdapterBranch",
     "UNetControlNetBranch",
+    "branch_class",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -59,6 +59,13 @@ class DualBranch(nn.Module):
     network's residuals, computed without gradient; a family may share work between the two.
     """
 
+    # The stock diffusers class of the side network, for loading saved weights.
+    side_network_class: ClassVar[str] = ""
+    # True where the side network encodes the condition image itself (UNet ControlNet, T2I-
+    # Adapter), so its constructor needs the condition's channels and its size relative to the
+    # sample; False where the condition comes in the sample's shape (SD3, Flux).
+    condition_at_pixel_level: ClassVar[bool] = False
+
     def __init__(self, main_network: nn.Module, side_network: nn.Module):
         super().__init__()
         self.main_network = main_network
@@ -72,6 +79,20 @@ class DualBranch(nn.Module):
         super().train(mode)
         self.main_network.eval()
         return self
+
+    @classmethod
+    def for_training(
+        cls, main_network, side_network=None, condition_channels: int = 3, condition_downscale=1
+    ) -> DualBranch:
+        """The branch the trainer builds: ``side_network`` loaded, or ``None`` for a new one."""
+        if cls.condition_at_pixel_level:
+            return cls.from_main(
+                main_network,
+                side_network,
+                conditioning_channels=condition_channels,
+                condition_downscale=condition_downscale,
+            )
+        return cls.from_main(main_network, side_network)
 
     def forward(self, x_t, timesteps, context: Context, condition, with_prior: bool = False):
         raise NotImplementedError

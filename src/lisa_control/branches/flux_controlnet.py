@@ -151,6 +151,8 @@ class FluxControlNetBranch(DualBranch):
     optional ``extra["guidance"]``, ``extra["txt_ids"]`` (L, 3), ``extra["img_ids"]`` (N, 3).
     """
 
+    side_network_class = "FluxControlNetModel"
+
     main_network: FluxTransformer2DModel
     side_network: FluxControlNetModel
 
@@ -181,6 +183,10 @@ class FluxControlNetBranch(DualBranch):
     def latent_channels(self) -> int:
         """Channels of the image-shaped sample and condition (a quarter of the token width)."""
         return self.main_network.config.in_channels // 4
+
+    @property
+    def condition_channels(self) -> int:
+        return self.latent_channels
 
     def check_inputs(self, x_t: torch.Tensor, condition: torch.Tensor) -> None:
         if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:

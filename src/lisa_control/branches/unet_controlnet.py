@@ -61,6 +61,9 @@ class UNetControlNetBranch(DualBranch):
             kernels' summation order; more backward work, so off unless a benchmark says so.
     """
 
+    side_network_class = "ControlNetModel"
+    condition_at_pixel_level = True
+
     main_network: UNet2DConditionModel
     side_network: ControlNetModel
 

@@ -1,0 +1,60 @@
+"""The benchmarks' arithmetic: steps-to-level, interpolated speed-up and mean gain on curves
+made up by hand, and the LayerSync comparison over the steps both runs made."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import convergence  # noqa: E402
+import layersync_pretrain  # noqa: E402
+
+
+def run(seed, values, every=100):
+    return {"seed": seed, "curve": [((i + 1) * every, v) for i, v in enumerate(values)]}
+
+
+def test_interpolated_reach_is_linear_between_evaluations():
+    curve = [(100, 0.2), (200, 0.4), (300, 0.8)]
+    assert convergence.interpolated_reach(curve, 0.6) == pytest.approx(250)
+    assert convergence.interpolated_reach(curve, 0.1) == 100
+    assert convergence.interpolated_reach(curve, 0.9) is None
+
+
+def test_a_curve_twice_as_fast_gives_speedup_two():
+    plain = run(0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    fast = run(0, [0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8, 0.8])
+    result = convergence.compare_to_plain(plain, fast)
+    assert result["speedup_interpolated"] == pytest.approx(2.0)
+    assert result["mean_gain"] == pytest.approx(sum(
+        f - p for (_, f), (_, p) in zip(fast["curve"], plain["curve"])) / 8)
+    # plain's own final level (mean of its last 3 evals, 0.7) is reached by its running mean
+    # of three at step 800; the fast run's running mean, (0.6 + 0.8 + 0.8) / 3, at step 500:
+    # the smoothing lags a sharp rise, so this ratio understates a true 2x.
+    assert (result["plain_steps"], result["variant_steps"]) == (800, 500)
+    assert result["speedup"] == pytest.approx(1.6)
+
+
+def test_identical_curves_give_one_and_runs_compare_on_common_steps():
+    plain = run(0, [0.1, 0.3, 0.5, 0.6, 0.65])
+    same_but_shorter = run(0, [0.1, 0.3, 0.5])
+    result = convergence.compare_to_plain(plain, same_but_shorter)
+    assert result["steps_compared"] == 300
+    assert result["speedup_interpolated"] == pytest.approx(1.0)
+    assert result["mean_gain"] == 0
+    assert convergence.compare_to_plain(plain, run(0, [0.1, 0.3])) is None
+
+
+def test_layersync_comparison_uses_shared_steps_and_direction():
+    base = [(250, 400.0), (500, 300.0), (750, 200.0), (800, 190.0)]
+    other = [(250, 300.0), (500, 200.0), (700, 150.0)]
+    result = layersync_pretrain.compare(base, other, lower_is_better=True)
+    # common steps 250 and 500: baseline final = (400 + 300) / 2 = 350, reached at 500;
+    # the other run is at 300 <= 350 already at step 250.
+    assert result["steps_compared"] == 500
+    assert (result["baseline_steps"], result["layersync_steps"]) == (500, 250)
+    assert result["speedup"] == pytest.approx(2.0)
+    higher = layersync_pretrain.compare([(1, 0.1), (2, 0.3)], [(1, 0.05), (2, 0.1)], False)
+    assert higher["layersync_steps"] is None and higher["speedup"] is None
