@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import write_result
 
 # Variants are flag sets of `lisa train`; anything a user can run, the benchmark can compare.
 VARIANTS = {
@@ -67,6 +68,11 @@ def build_parser():
     p.add_argument("--run_dir", default="runs/convergence")
     p.add_argument("--out", default="benchmarks/results/convergence.json")
     p.add_argument("--summarize_only", action="store_true")
+    p.add_argument(
+        "--from_json",
+        default=None,
+        help="re-analyse the curves stored in an earlier result file (implies --summarize_only)",
+    )
     p.add_argument(
         "--deadline_s",
         type=float,
@@ -145,87 +151,151 @@ def reach_step(curve: list[tuple[int, float]], level: float) -> int | None:
     values = [v for _, v in curve]
     for i in range(len(curve)):
         window = values[max(0, i - 2) : i + 1]
-        if sum(window) / len(window) >= level:
+        # The tolerance keeps plain's own last window from missing its mean by a rounding.
+        if sum(window) / len(window) >= level - 1e-9 * abs(level):
             return curve[i][0]
     return None
+
+
+def collect_runs(args, task: str) -> dict[str, list[dict]]:
+    """Per variant, the runs' curves and logs read from their output folders."""
+    from lisa_control.data.tasks import get_task
+
+    metric = get_task(task).metric_name
+    per_variant = {}
+    for variant in args.variants:
+        runs = []
+        for seed in args.seeds:
+            run_dir = Path(args.run_dir) / task / variant / f"seed{seed}"
+            vpath, lpath = run_dir / "validation.jsonl", run_dir / "loss_log.jsonl"
+            if not vpath.is_file():
+                continue
+            evals = [json.loads(x) for x in vpath.read_text().splitlines()]
+            losses = [json.loads(x) for x in lpath.read_text().splitlines()]
+            timing = run_dir / "stdout.txt"
+            runs.append(
+                {
+                    "seed": seed,
+                    "curve": [(e["step"], e[metric]) for e in evals],
+                    "feature_distance_curve": [
+                        (e["step"], e["feature_distance"]) for e in evals if "feature_distance" in e
+                    ],
+                    "evals": evals,
+                    "aux_loss_ratio": [
+                        (r["step"], r["aux_loss_ratio"])
+                        for r in losses
+                        if "aux_loss_ratio" in r and r["step"] % args.eval_every == 0
+                    ],
+                    "diffusion_loss_last100": statistics.fmean(
+                        r["diffusion_loss"] for r in losses[-100:]
+                    ),
+                    "seconds_per_step": _seconds_per_step(timing, len(losses)),
+                }
+            )
+        per_variant[variant] = runs
+    return per_variant
+
+
+def interpolated_reach(curve: list[tuple[int, float]], level: float) -> float | None:
+    """First step at which the piecewise-linear curve reaches ``level``."""
+    for (s0, v0), (s1, v1) in zip([(0, curve[0][1])] + curve[:-1], curve):
+        if v1 >= level:
+            return s1 if v1 == v0 or v0 >= level else s0 + (s1 - s0) * (level - v0) / (v1 - v0)
+    return None
+
+
+def compare_to_plain(ref: dict, run: dict) -> dict | None:
+    """Speed-up of one run over the plain run of its seed, over the steps both reached.
+
+    ``speedup``: steps for plain to reach its own final level (mean of its last three evals; a
+    curve reaches a level when the running mean of three evals first gets there) / steps for
+    the variant. That needs plain to have levelled off; while plain is still climbing at the
+    last common step the ratio is 1 by construction, so ``speedup_interpolated`` also reports
+    the ratio of the first (linearly interpolated) steps at which each curve reaches plain's
+    value at the last common step, and ``mean_gain`` the mean metric difference (variant -
+    plain) at the common evaluation steps."""
+    steps = sorted(set(dict(ref["curve"])) & set(dict(run["curve"])))
+    if len(steps) < 3:
+        return None
+    ref_d, run_d = dict(ref["curve"]), dict(run["curve"])
+    ref_curve = [(s, ref_d[s]) for s in steps]
+    var_curve = [(s, run_d[s]) for s in steps]
+    final = statistics.fmean(v for _, v in ref_curve[-3:])
+    s_plain, s_var = reach_step(ref_curve, final), reach_step(var_curve, final)
+    last = ref_curve[-1][1]
+    i_plain, i_var = interpolated_reach(ref_curve, last), interpolated_reach(var_curve, last)
+    return {
+        "seed": run["seed"],
+        "steps_compared": steps[-1],
+        "plain_final": final,
+        "plain_steps": s_plain,
+        "variant_steps": s_var,
+        "speedup": (s_plain / s_var) if s_var else None,
+        "speedup_interpolated": (i_plain / i_var) if i_var else None,
+        "mean_gain": statistics.fmean(run_d[s] - ref_d[s] for s in steps),
+    }
+
+
+def _spread(values):
+    reached = [v for v in values if v is not None]
+    return {
+        "mean": statistics.fmean(reached) if reached else None,
+        "stdev": statistics.stdev(reached) if len(reached) > 1 else None,
+        "not_reached": sum(v is None for v in values),
+    }
+
+
+def analyse(task: str, metric: str, per_variant: dict, budgets: list[int]) -> dict:
+    plain = {r["seed"]: r for r in per_variant.get("plain", [])}
+    speedups = {}
+    for variant, runs in per_variant.items():
+        if variant == "plain":
+            continue
+        pairs = [(plain[r["seed"]], r) for r in runs if r["seed"] in plain]
+        ratios = [c for c in (compare_to_plain(a, b) for a, b in pairs) if c is not None]
+        speedups[variant] = {
+            "per_seed": ratios,
+            **_spread([x["speedup"] for x in ratios]),
+            "interpolated": _spread([x["speedup_interpolated"] for x in ratios]),
+            "mean_gain": _spread([x["mean_gain"] for x in ratios]),
+        }
+
+    def at(key):
+        return {
+            variant: {
+                str(b): _mean_sd([dict(r.get(key, [])).get(b) for r in runs]) for b in budgets
+            }
+            for variant, runs in per_variant.items()
+        }
+
+    return {
+        "metric": metric,
+        "variants": per_variant,
+        "speedup_vs_plain": speedups,
+        "at_budget": at("curve"),
+        "feature_distance_at_budget": at("feature_distance_curve"),
+    }
 
 
 def summarize(args) -> dict:
     from lisa_control.data.tasks import get_task
 
+    budgets = args.budgets or sorted({args.steps // 4, args.steps // 2, args.steps})
     summary = {"tasks": {}}
     for task in args.tasks:
-        metric = get_task(task).metric_name
-        per_variant = {}
-        for variant in args.variants:
-            runs = []
-            for seed in args.seeds:
-                run_dir = Path(args.run_dir) / task / variant / f"seed{seed}"
-                vpath, lpath = run_dir / "validation.jsonl", run_dir / "loss_log.jsonl"
-                if not vpath.is_file():
-                    continue
-                evals = [json.loads(x) for x in vpath.read_text().splitlines()]
-                losses = [json.loads(x) for x in lpath.read_text().splitlines()]
-                timing = run_dir / "stdout.txt"
-                runs.append(
-                    {
-                        "seed": seed,
-                        "curve": [(e["step"], e[metric]) for e in evals],
-                        "evals": evals,
-                        "aux_loss_ratio": [
-                            (r["step"], r["aux_loss_ratio"])
-                            for r in losses
-                            if "aux_loss_ratio" in r and r["step"] % args.eval_every == 0
-                        ],
-                        "diffusion_loss_last100": statistics.fmean(
-                            r["diffusion_loss"] for r in losses[-100:]
-                        ),
-                        "seconds_per_step": _seconds_per_step(timing, len(losses)),
-                    }
-                )
-            per_variant[variant] = runs
-        summary["tasks"][task] = {"metric": metric, "variants": per_variant}
-        plain = {r["seed"]: r for r in per_variant.get("plain", [])}
-        speedups = {}
-        for variant, runs in per_variant.items():
-            if variant == "plain":
-                continue
-            ratios = []
-            for r in runs:
-                ref = plain.get(r["seed"])
-                if ref is None:
-                    continue
-                # Compare over the steps both runs reached (a deadline may cut runs short).
-                common = min(len(ref["curve"]), len(r["curve"]))
-                ref_curve, var_curve = ref["curve"][:common], r["curve"][:common]
-                if common < 3:
-                    continue
-                final = statistics.fmean(v for _, v in ref_curve[-3:])
-                s_plain = reach_step(ref_curve, final)
-                s_var = reach_step(var_curve, final)
-                ratios.append(
-                    {
-                        "seed": r["seed"],
-                        "steps_compared": ref_curve[-1][0],
-                        "plain_final": final,
-                        "plain_steps": s_plain,
-                        "variant_steps": s_var,
-                        "speedup": (s_plain / s_var) if s_var else None,
-                    }
-                )
-            reached = [x["speedup"] for x in ratios if x["speedup"] is not None]
-            speedups[variant] = {
-                "per_seed": ratios,
-                "mean": statistics.fmean(reached) if reached else None,
-                "stdev": statistics.stdev(reached) if len(reached) > 1 else None,
-                "not_reached": sum(x["speedup"] is None for x in ratios),
-            }
-        summary["tasks"][task]["speedup_vs_plain"] = speedups
-        budgets = args.budgets or sorted({args.steps // 4, args.steps // 2, args.steps})
-        summary["tasks"][task]["at_budget"] = {
-            variant: {str(b): _mean_sd([dict(r["curve"]).get(b) for r in runs]) for b in budgets}
-            for variant, runs in per_variant.items()
-        }
+        if args.from_json:
+            per_variant = json.loads(Path(args.from_json).read_text())["tasks"][task]["variants"]
+            per_variant = {
+                v: [
+                    {**r, "curve": [tuple(x) for x in r["curve"]], "feature_distance_curve":
+                     [tuple(x) for x in r.get("feature_distance_curve", [])]}
+                    for r in runs
+                ]
+                for v, runs in per_variant.items()
+            }  # fmt: skip
+        else:
+            per_variant = collect_runs(args, task)
+        summary["tasks"][task] = analyse(task, get_task(task).metric_name, per_variant, budgets)
     return summary
 
 
@@ -279,35 +349,33 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    if not args.summarize_only:
+    if not (args.summarize_only or args.from_json):
         launch_all(args)
     summary = summarize(args)
-    summary["command"] = "python benchmarks/convergence.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
-    summary["wall_seconds"] = time.time() - t0
-    summary["date"] = time.strftime("%Y-%m-%d")
-    try:
-        import torch
-
-        summary["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    except Exception:  # the summary is still useful without the device name
-        summary["device"] = "unknown"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    out = write_result(summary, "convergence.py", argv, t0, args.out, args.from_json)
     plot(summary, out.with_suffix(".png"))
     for task, info in summary["tasks"].items():
         for variant, s in info["speedup_vs_plain"].items():
             mean = "n/a" if s["mean"] is None else f"{s['mean']:.2f}"
             sd = "" if s["stdev"] is None else f" +- {s['stdev']:.2f}"
             print(f"{task:18s} {variant:12s} speed-up {mean}{sd} (not reached: {s['not_reached']})")
+            i, g = s["interpolated"], s["mean_gain"]
+            if i["mean"] is not None:
+                print(f"{task:18s} {variant:12s} interpolated speed-up {i['mean']:.2f}")
+            if g["mean"] is not None:
+                print(f"{task:18s} {variant:12s} mean {info['metric']} gain {g['mean']:+.4f}")
         for variant, budgets in info["at_budget"].items():
             cells = "  ".join(
                 f"{b}: " + ("-" if v is None else format(v["mean"], ".3f"))
                 for b, v in budgets.items()
             )
             print(f"{task:18s} {variant:12s} {info['metric']} at {cells}")
+        for variant, budgets in info["feature_distance_at_budget"].items():
+            cells = "  ".join(
+                f"{b}: " + ("-" if v is None else format(v["mean"], ".3g"))
+                for b, v in budgets.items()
+            )
+            print(f"{task:18s} {variant:12s} feature distance at {cells}")
     print(f"wrote {out}")
 
 
