@@ -9,27 +9,10 @@ from lisa_control.loading import load_pixel_model
 from lisa_control.pretrain import main as pretrain_main
 
 TOY = [
-    "--task",
-    "pose",
-    "--train_size",
-    "32",
-    "--train_batch_size",
-    "4",
-    "--max_train_steps",
-    "4",
-    "--sample_every",
-    "2",
-    "--num_samples",
-    "8",
-    "--sample_steps",
-    "2",
-    "--lr_warmup_steps",
-    "1",
-    "--feature_network_steps",
-    "3",
-    "--device",
-    "cpu",
-]
+    "--task", "pose", "--train_size", "32", "--train_batch_size", "4", "--max_train_steps", "4",
+    "--sample_every", "2", "--num_samples", "8", "--sample_steps", "2", "--lr_warmup_steps", "1",
+    "--feature_distance", "--feature_network_steps", "3", "--device", "cpu",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,12 @@ def test_every_family_trains_resumes_and_saves_a_stock_side_network(
     side = getattr(diffusers, stock).from_pretrained(full / "controlnet")
     assert sum(p.numel() for p in side.parameters()) > 0
     assert (full / "validation" / "step-4.png").is_file()
+    grid = tmp_path / "samples.png"
+    sample_argv = ["sample", "--controlnet", str(full / "controlnet"), "--side_network",
+                   side_network, "--pretrained_model_name_or_path", str(model), "--image",
+                   str(data / "cond0.png"), "--num_inference_steps", "2", "--output", str(grid)]
+    assert main(sample_argv) == 0
+    assert grid.stat().st_size > 100
 
 
 def test_unknown_family_side_network_pair_is_refused(assets, tmp_path, capsys):

@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--feature_distance",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also score samples by the task-feature Fréchet distance (not Inception FID)",
+        default=None,
+        help="also score samples by the task-feature Fréchet distance (not Inception FID); "
+        "default: on with CUDA, off on CPU, where training its feature network takes minutes",
     )
     p.add_argument("--feature_network_steps", type=int, default=1500)
     p.add_argument("--num_workers", type=int, default=0)
@@ -218,7 +219,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.mixed_precision == "bf16")
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     distances = {}
-    if args.feature_distance:
+    if args.feature_distance or (args.feature_distance is None and device.type == "cuda"):
         from .feature_distance import TaskFeatureDistance
 
         distances = {

@@ -15,6 +15,12 @@ from .errors import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa sample", description=__doc__.split("\n")[0])
     p.add_argument("--controlnet", required=True, help="a side network folder (diffusers)")
+    p.add_argument(
+        "--side_network",
+        choices=["controlnet", "t2i_adapter"],
+        default="controlnet",
+        help="what kind of side network --controlnet holds (as in `lisa train`)",
+    )
     p.add_argument("--image", required=True, nargs="+", help="condition image(s)")
     p.add_argument("--prompt", nargs="+", default=[""])
     p.add_argument("--pretrained_model_name_or_path", default=None)
@@ -30,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args) -> Path:
-    from .branches import UNetControlNetBranch
+    import diffusers
+
+    from .branches import branch_class
     from .data.images import load_image, to_condition_tensor
     from .loading import load_main_model, load_side_network
     from .validation import evaluation_scheduler, image_grid, to_uint8
@@ -39,17 +47,26 @@ def generate(args) -> Path:
     model = load_main_model(
         args.pretrained_model_name_or_path, args.task, allow_pickle=args.allow_pickle
     )
-    controlnet = load_side_network(args.controlnet, args.allow_pickle)
-    branch = UNetControlNetBranch(model.main_network, controlnet).to(device).eval()
+    cls = branch_class(model.family, args.side_network)
+    if not model.is_pixel_space and cls.side_network_class != "ControlNetModel":
+        raise ConfigError(
+            "`lisa sample` runs latent models through the stock StableDiffusionControlNetPipeline, "
+            "so it takes a ControlNet for a Stable Diffusion UNet; use diffusers' own pipeline "
+            f"for a {args.side_network} on a {model.family} model."
+        )
+    controlnet = load_side_network(
+        args.controlnet, args.allow_pickle, getattr(diffusers, cls.side_network_class)
+    )
+    branch = cls(model.main_network, controlnet).to(device).eval()
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
     if len(prompts) != len(args.image):
         raise ConfigError("give one --prompt, or as many as --image.")
     resolution = model.resolution
     conditions = torch.stack([to_condition_tensor(load_image(p), resolution) for p in args.image])
-    if conditions.shape[1] != controlnet.config.conditioning_channels:
+    if conditions.shape[1] != branch.condition_channels:
         raise ConfigError(
             f"the condition images have {conditions.shape[1]} channels but the side network "
-            f"expects {controlnet.config.conditioning_channels}."
+            f"expects {branch.condition_channels}."
         )
     rows = [[c] for c in to_uint8(conditions, signed=False)]
     generator = torch.Generator("cpu").manual_seed(args.seed)
