@@ -44,6 +44,21 @@ VARIANTS = {
     "lisa_down_2": {"regularizer": "lisa", "lisa_layer": "down_2"},
     "lisa_down_8": {"regularizer": "lisa", "lisa_layer": "down_8"},
     "lisa_t_high": {"regularizer": "lisa", "lisa_timestep_range": "500 1000"},
+    "lisa_x0": {"regularizer": "lisa", "lisa_target": "x0"},
+    "lisa_score": {"regularizer": "lisa", "lisa_target": "score"},
+    # "large early, decaying" (issue 5): 5 -> 0.2 and 1 -> 0.2 over the first 500 steps
+    "lisa_w5_decay": {
+        "regularizer": "lisa",
+        "lisa_weight": 5.0,
+        "lisa_final_weight": 0.2,
+        "lisa_weight_decay_steps": 500,
+    },
+    "lisa_w1_decay": {
+        "regularizer": "lisa",
+        "lisa_weight": 1.0,
+        "lisa_final_weight": 0.2,
+        "lisa_weight_decay_steps": 500,
+    },
 }
 
 

@@ -289,3 +289,19 @@ def test_unknown_family_side_network_pair_is_refused(assets, tmp_path, capsys):
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err
     assert "t2i_adapter" in err and "--side_network controlnet" in err
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_setting_existed(assets, tmp_path):
+    """A checkpoint whose fingerprint lacks a newer setting ran with that setting's default, so
+    it resumes under the default and is refused under any other value."""
+    model, data = assets
+    out = tmp_path / "run"
+    assert main(["train", *train_args(model, data, out, steps=2)]) == 0
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]["lisa_target"]
+    state_file.write_text(json.dumps(state))
+    resume = train_args(model, data, out, steps=3, resume_from_checkpoint="latest")
+    assert main(["train", *resume, "--lisa_target", "x0"]) == 2
+    assert main(["train", *resume]) == 0
+    assert [r["step"] for r in read_log(out / "loss_log.jsonl")] == [1, 2, 3]

@@ -77,6 +77,9 @@ class TrainConfig:
     lisa_layer: str | None = None
     lisa_distance: str = "mse"
     lisa_timestep_range: list[float] | None = None
+    lisa_target: str = "residual"
+    lisa_final_weight: float | None = None
+    lisa_weight_decay_steps: int = 0
     layersync_pairs: str | None = None
     layersync_weight: float = 0.2
     # validation and logging
@@ -113,6 +116,9 @@ class TrainConfig:
             "lisa_weight",
             "lisa_layer",
             "lisa_distance",
+            "lisa_target",
+            "lisa_final_weight",
+            "lisa_weight_decay_steps",
             "layersync_pairs",
             "layersync_weight",
             "prediction_type",
@@ -137,6 +143,7 @@ _CHOICES = {
     "on_nonfinite": ("stop", "skip"),
     "side_network": ("controlnet", "t2i_adapter"),
     "lisa_distance": ("mse", "cosine"),
+    "lisa_target": ("residual", "x0", "score"),
     "timestep_sampler": ("uniform", "logit_normal", "cubic"),
     "prediction_type": (None, "epsilon", "v_prediction", "flow"),
 }
@@ -156,6 +163,10 @@ _HELP = {
     "lisa_layer": "side-network layer LISA reads: down_0..down_11, mid, or a module path "
     "(default down_5 where it exists)",
     "lisa_timestep_range": "two numbers: apply the LISA loss only for lo <= t < hi",
+    "lisa_target": "space of the LISA residual: residual (paper: y - y_prior), x0 (the residual "
+    "of the implied clean sample) or score (the likelihood score itself)",
+    "lisa_final_weight": "decay lambda linearly from --lisa_weight to this value over "
+    "--lisa_weight_decay_steps steps (default: constant lambda)",
     "on_nonfinite": "on a NaN/Inf loss or gradient: stop (default) or skip the step",
     "config": "YAML or TOML file with the same keys as the flags",
     "cache_latents": "encode images and captions once and keep them in memory",

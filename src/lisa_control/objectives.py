@@ -104,6 +104,10 @@ class Objective:
     def score(self, prediction: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor):
         raise NotImplementedError
 
+    def x0(self, prediction: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor):
+        """The clean sample a prediction implies (affine in the prediction)."""
+        raise NotImplementedError
+
 
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
@@ -162,6 +166,13 @@ class DiffusionObjective(Objective):
         _, sigma = self.alpha_sigma(timesteps, x_t)
         return -self.predicted_noise(prediction, x_t, timesteps).float() / sigma
 
+    def x0(self, prediction, x_t, timesteps):
+        """x0 = (x_t - sigma_t eps) / alpha_t, or alpha_t x_t - sigma_t v (no division)."""
+        alpha, sigma = self.alpha_sigma(timesteps, x_t)
+        if self.prediction_type == "epsilon":
+            return (x_t.float() - sigma * prediction.float()) / alpha
+        return alpha * x_t.float() - sigma * prediction.float()
+
 
 class RectifiedFlowObjective(Objective):
     """Rectified flow: x_s = (1 - s) x0 + s eps, target u = eps - x0, timestep = 1000 s."""
@@ -198,6 +209,10 @@ class RectifiedFlowObjective(Objective):
         s = self.sigmas(timesteps, x_t).clamp_min(1e-4)
         eps = x_t.float() + (1 - s) * prediction.float()
         return -eps / s
+
+    def x0(self, prediction, x_t, timesteps):
+        """x0 = x_s - s u."""
+        return x_t.float() - self.sigmas(timesteps, x_t) * prediction.float()
 
 
 def make_objective(name: str, scheduler=None, timestep_sampler: str | None = None) -> Objective:

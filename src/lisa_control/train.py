@@ -114,6 +114,9 @@ def build_regularizers(cfg: TrainConfig, branch, sample_size: int) -> list:
                     weight=cfg.lisa_weight,
                     sample_size=sample_size,
                     distance=cfg.lisa_distance,
+                    target=cfg.lisa_target,
+                    final_weight=cfg.lisa_final_weight,
+                    weight_decay_steps=cfg.lisa_weight_decay_steps,
                     timestep_range=tuple(cfg.lisa_timestep_range)
                     if cfg.lisa_timestep_range
                     else None,
@@ -238,12 +241,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             accelerator.print("no checkpoint to resume from; starting a new run")
         else:
             saved = ckpt.read_trainer_state(path)
-            if saved.get("fingerprint") != _jsonable(cfg.fingerprint()):
-                diff = {
-                    k: (saved.get("fingerprint", {}).get(k), v)
-                    for k, v in _jsonable(cfg.fingerprint()).items()
-                    if saved.get("fingerprint", {}).get(k) != v
-                }
+            now = _jsonable(cfg.fingerprint())
+            # A setting newer than the checkpoint was at its default when the checkpoint ran.
+            then = _jsonable(TrainConfig().fingerprint()) | saved.get("fingerprint", {})
+            diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+            if diff:
                 raise CheckpointError(
                     f"checkpoint {path} was written by another configuration (saved vs now: "
                     f"{diff}); resume with the same settings or use a new --output_dir."

@@ -25,6 +25,16 @@ from ..errors import ConfigError
 from ..hooks import FeatureHook, default_layer, resolve_layer
 from .base import Regularizer, RegularizerOutput, StepState
 
+# Spaces the LISA residual can be matched in; all but "residual" name an Objective method.
+TARGETS = ("residual", "x0", "score")
+
+
+def _check_weight(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"LISA {name} must be a number, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"LISA {name} must be a finite number >= 0, got {value!r}.")
+
 
 class LikelihoodScoreAlignment(Regularizer):
     """The LISA regularizer. Its parameters are exactly the :class:`ScoreDecoder`'s.
@@ -38,6 +48,15 @@ class LikelihoodScoreAlignment(Regularizer):
         weight: lambda, 0.2 in the paper.
         distance: ``mse`` (the paper) or ``cosine`` (1 - per-pixel cosine over channels).
         timestep_range: apply the loss only to samples with lo <= t < hi.
+        target: the space the residual is matched in. ``residual`` (the paper):
+            y_target - y_prior in the prediction space; ``x0``: the same residual mapped to the
+            clean sample, x0(y_target) - x0(y_prior) (for eps: -(sigma/alpha)(eps - eps_prior),
+            so it weights noisy timesteps up); ``score``: score(y_target) - score(y_prior), the
+            likelihood score itself (for eps: -(eps - eps_prior)/sigma, weighting clean
+            timesteps up). The objective supplies the maps.
+        final_weight / weight_decay_steps: a schedule for lambda, linear from ``weight`` at step
+            0 to ``final_weight`` at ``weight_decay_steps`` and constant after ("large early,
+            decaying"); by default lambda stays ``weight``.
         feature_channels / feature_size: needed only for a module-path layer whose shape cannot
             be read from the config.
         decoder: a ready decoder ``decoder(feature, timesteps) -> prediction-shaped tensor``
@@ -59,22 +78,36 @@ class LikelihoodScoreAlignment(Regularizer):
         weight: float = 0.2,
         distance: str = "mse",
         timestep_range: tuple[float, float] | None = None,
+        target: str = "residual",
+        final_weight: float | None = None,
+        weight_decay_steps: int = 0,
         feature_channels: int | None = None,
         feature_size: int | None = None,
         decoder: nn.Module | None = None,
         optimizer_check_after: int = 64,
     ):
         super().__init__()
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"LISA weight must be a number, got {weight!r}.")
-        if not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"LISA weight must be a finite number >= 0, got {weight!r}.")
+        _check_weight("weight", weight)
+        if final_weight is not None:
+            _check_weight("final weight", final_weight)
+        if final_weight is not None and (
+            not isinstance(weight_decay_steps, int) or weight_decay_steps < 1
+        ):
+            raise ConfigError(
+                "a LISA final weight needs weight_decay_steps >= 1 (--lisa_weight_decay_steps), "
+                f"got {weight_decay_steps!r}."
+            )
+        if target not in TARGETS:
+            raise ConfigError(f"LISA target must be one of {', '.join(TARGETS)}, got {target!r}.")
         if distance not in ("mse", "cosine"):
             raise ConfigError(f"LISA distance must be 'mse' or 'cosine', got {distance!r}.")
         layer = layer or default_layer(side_network)
         ref = resolve_layer(side_network, layer)
         self.layer = layer
         self.weight = float(weight)
+        self.final_weight = None if final_weight is None else float(final_weight)
+        self.weight_decay_steps = weight_decay_steps
+        self.target = target
         self.distance = distance
         self.timestep_range = timestep_range
         self.decoder = (
@@ -135,12 +168,24 @@ class LikelihoodScoreAlignment(Regularizer):
                 "AdamW([*side_network.parameters(), *lisa.parameters()])."
             )
 
+    def weight_at(self, step: int) -> float:
+        """lambda at ``step`` (see ``final_weight``)."""
+        if self.final_weight is None:
+            return self.weight
+        progress = min(max(step, 0) / self.weight_decay_steps, 1.0)
+        return self.weight + (self.final_weight - self.weight) * progress
+
     def aux_target(self, state: StepState) -> torch.Tensor:
         if state.prediction.prior is None:
             raise RuntimeError(
                 "LISA needs the prior prediction: call the branch with with_prior=True."
             )
-        return (state.noised.target.float() - state.prediction.prior.float()).detach()
+        target, prior = state.noised.target.float(), state.prediction.prior.float()
+        if self.target != "residual":
+            to_space = getattr(state.objective, self.target)  # objective.x0 or objective.score
+            x_t, t = state.noised.x_t, state.noised.timesteps
+            target, prior = to_space(target, x_t, t), to_space(prior, x_t, t)
+        return (target - prior).detach()
 
     def loss(self, state: StepState) -> RegularizerOutput:
         self._check_decoder_is_trained()
@@ -165,4 +210,7 @@ class LikelihoodScoreAlignment(Regularizer):
             "aux_target_norm": target_norm.detach(),
             "aux_loss_ratio": (aux.detach() / target_norm.detach().clamp_min(1e-12)),
         }
-        return RegularizerOutput(loss=self.weight * aux, logs=logs)
+        weight = self.weight_at(state.step)
+        if self.final_weight is not None:
+            logs["aux_weight"] = torch.tensor(weight)
+        return RegularizerOutput(loss=weight * aux, logs=logs)
