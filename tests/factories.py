@@ -113,3 +113,66 @@ def make_sd_model(folder: Path) -> Path:
     )
     pipe.save_pretrained(folder / "model")
     return folder / "model"
+
+
+def make_sd3_model(folder: Path) -> Path:
+    """A complete, tiny Stable Diffusion 3 folder: two CLIP encoders with projections (their
+    pooled outputs make the 32-d pooled vector, their hidden states the 32-d tokens), no T5
+    (the pipeline then uses zeros, as SD3 allows), a shifting 8x VAE and a shift-3 scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from lisa_control.flow_models import tiny_flow_dit_config
+
+    torch.manual_seed(4)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+    def clip():
+        config = CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
+        )  # fmt: skip
+        return CLIPTextModelWithProjection(config), CLIPTokenizer(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
+        )
+
+    (text_encoder, tokenizer), (text_encoder_2, tokenizer_2) = clip(), clip()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=64,
+        shift_factor=0.1,
+        scaling_factor=1.5,
+    )
+    transformer = SD3Transformer2DModel(
+        **tiny_flow_dit_config(sample_size=8, in_channels=4, num_layers=2,
+                               num_attention_heads=2, attention_head_dim=8)
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder / "model")
+    return folder / "model"

@@ -305,3 +305,38 @@ def test_resume_accepts_a_checkpoint_from_before_a_setting_existed(assets, tmp_p
     assert main(["train", *resume, "--lisa_target", "x0"]) == 2
     assert main(["train", *resume]) == 0
     assert [r["step"] for r in read_log(out / "loss_log.jsonl")] == [1, 2, 3]
+
+
+def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_path):
+    """An SD3 diffusers folder (two CLIPs, VAE with shift, shift-3 scheduler) trains an SD3
+    ControlNet with LISA through `lisa train`: captions go through the pipeline's encode_prompt,
+    conditions through the VAE, the objective is diffusers' SD3 recipe, and the side network
+    loads as a stock SD3ControlNetModel."""
+    from diffusers import SD3ControlNetModel
+    from factories import make_sd3_model
+
+    from lisa_control.branches.sd3_controlnet import PreconditionedFlowObjective
+    from lisa_control.encoders import FrozenEncoders
+    from lisa_control.loading import load_main_model
+
+    model_dir = make_sd3_model(tmp_path / "sd3")
+    model = load_main_model(str(model_dir))
+    assert model.family == "sd3" and model.condition_in_latent_space
+    objective = model.training_objective()
+    assert isinstance(objective, PreconditionedFlowObjective) and objective.shift == 3.0
+    encoders = FrozenEncoders(model, "cpu")
+    ctx = encoders.prompt_context(["a cat", "b"])
+    assert ctx.encoder_hidden_states.shape[-1] == 32
+    assert ctx.extra["pooled_projections"].shape == (2, 32)
+    assert not torch.equal(ctx.encoder_hidden_states[0], ctx.encoder_hidden_states[1])
+    assert encoders.encode_condition(torch.rand(2, 3, 64, 64)).shape == (2, 4, 8, 8)
+
+    data = make_image_folder(tmp_path / "data", n=4, size=64)
+    out = tmp_path / "run"
+    argv = train_args(model_dir, data, out, steps=2, resolution=64, validation_steps=2)
+    assert main(["train", *argv]) == 0
+    log = read_log(out / "loss_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2] and all("aux_loss" in r for r in log)
+    assert (out / "validation" / "step-2.png").is_file()
+    side = SD3ControlNetModel.from_pretrained(out / "controlnet")
+    assert side.config.in_channels == 4

@@ -24,7 +24,8 @@ class FrozenEncoders:
         self.cache = cache
         self._latents: dict[int, torch.Tensor] = {}
         self._contexts: dict[int, torch.Tensor] = {}
-        for module in (model.vae, model.text_encoder):
+        prompt_modules = model.prompt_encoder.modules() if model.prompt_encoder else []
+        for module in (model.vae, model.text_encoder, *prompt_modules):
             if module is not None:
                 module.requires_grad_(False).eval().to(device)
                 if dtype != torch.float32:
@@ -36,7 +37,9 @@ class FrozenEncoders:
         if self.model.vae is None:
             return pixel_values
         latents = self.model.vae.encode(pixel_values).latent_dist.sample()
-        return latents * self.model.vae.config.scaling_factor
+        # SD3 / Flux VAEs shift their latents before scaling; SD's have no shift_factor.
+        shift = getattr(self.model.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.model.vae.config.scaling_factor
 
     @torch.no_grad()
     def _prompts(self, captions: list[str]) -> torch.Tensor:
@@ -65,9 +68,21 @@ class FrozenEncoders:
 
     def prompt_context(self, captions: list[str]) -> Context:
         """The context of ``captions``; the null context for models trained without text."""
+        if self.model.prompt_encoder is not None:
+            return self.model.prompt_encoder(captions, self.device).to(dtype=self.dtype)
         if self.model.text_encoder is None:
             return self.null_context(len(captions))
         return Context(encoder_hidden_states=self._prompts(captions))
+
+    @torch.no_grad()
+    def encode_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """The condition as the side network takes it: VAE latents of the control image (in
+        [0, 1], mapped to [-1, 1] first, as the SD3/Flux ControlNet pipelines do) for
+        ``condition_in_latent_space`` models, else the image itself."""
+        condition = condition.to(self.device)
+        if not self.model.condition_in_latent_space:
+            return condition
+        return self._images(condition * 2 - 1)
 
     def _cached(self, store, indices, compute):
         missing = [i for i, idx in enumerate(indices) if idx not in store]
@@ -91,7 +106,33 @@ class FrozenEncoders:
         else:
             x0 = self._images(batch["pixel_values"])
             text = self._prompts(captions)
-        condition = batch["conditioning_pixel_values"].to(self.device)
+        condition = self.encode_condition(batch["conditioning_pixel_values"])
+        if self.model.prompt_encoder is not None:
+            return x0, self.prompt_context(captions), condition
         if self.model.text_encoder is None:
             return x0, self.null_context(x0.shape[0]), condition
         return x0, Context(encoder_hidden_states=text), condition
+
+
+class PipelinePrompts:
+    """Text conditioning through a diffusers pipeline's own ``encode_prompt``: for SD3, two
+    CLIP encoders (pooled and per-token) and T5, combined exactly as the pipeline does."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def modules(self) -> list[torch.nn.Module]:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], device) -> Context:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(captions),
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return Context(encoder_hidden_states=embeds, extra={"pooled_projections": pooled})

@@ -36,6 +36,31 @@ class MainModel:
     # "unet" (UNet2DConditionModel), "sd3" (SD3Transformer2DModel), "flux" (FluxTransformer2DModel)
     family: str = "unet"
     objective: str = "epsilon"  # "epsilon", "v_prediction" or "flow"
+    # Text conditioning through a pipeline's own encode_prompt (SD3's two CLIPs and T5), for
+    # families whose context is more than one text encoder's hidden states.
+    prompt_encoder: object | None = None
+
+    @property
+    def condition_in_latent_space(self) -> bool:
+        """SD3 and Flux ControlNets take the VAE-encoded control image (as their pipelines do);
+        UNet ControlNets and T2I-Adapters encode the condition image themselves."""
+        return self.vae is not None and self.family in ("sd3", "flux")
+
+    def training_objective(self, prediction_type: str | None = None, timestep_sampler=None):
+        """The objective the model was trained with: DDPM eps/v over its scheduler, or rectified
+        flow; latent SD3 models get diffusers' SD3 recipe with their scheduler's shift."""
+        from .objectives import make_objective
+
+        name = prediction_type or self.objective
+        if name == "flow" and self.family == "sd3" and not self.is_pixel_space:
+            from .branches.sd3_controlnet import PreconditionedFlowObjective
+
+            return PreconditionedFlowObjective.from_scheduler(self.scheduler)
+        return make_objective(
+            name,
+            scheduler=None if name == "flow" else self.scheduler,
+            timestep_sampler=timestep_sampler if name != "flow" else None,
+        )
 
     @property
     def is_pixel_space(self) -> bool:
@@ -163,6 +188,72 @@ def load_stable_diffusion(
     )
 
 
+def load_sd3(name: str, revision=None, variant=None, allow_pickle: bool = False) -> MainModel:
+    """A Stable Diffusion 3 / 3.5 folder or hub id: transformer, VAE, scheduler, and its text
+    encoders behind the pipeline's own ``encode_prompt``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from .encoders import PipelinePrompts
+
+    local = Path(name)
+    if local.is_dir():
+        for sub in ("transformer", "vae"):
+            _check_weight_files(local / sub, allow_pickle)
+    # SD3 runs without T5 (zeros in its place) and without the IP-Adapter image encoder; a
+    # folder saved that way lists no such component, and the pipeline wants them passed as None.
+    index = _pipeline_index(name, revision)
+    optional = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+    absent = {k: None for k in optional if index.get(k, [None, None])[0] is None}
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            name, revision=revision, variant=variant, use_safetensors=not allow_pickle, **absent
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load a Stable Diffusion 3 model from {name!r}: {first}. Pass a diffusers "
+            "folder with transformer/, vae/, text encoders and scheduler/, or a hub id."
+        ) from None
+    return MainModel(
+        main_network=pipe.transformer,
+        scheduler=pipe.scheduler,
+        vae=pipe.vae,
+        resolution=pipe.transformer.config.sample_size * pipe.vae_scale_factor,
+        source=name,
+        family="sd3",
+        objective="flow",
+        prompt_encoder=PipelinePrompts(pipe),
+    )
+
+
+def _pipeline_index(name: str, revision=None) -> dict:
+    """A diffusers folder's or hub repo's model_index.json ({} if there is none)."""
+    index = Path(name) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text())
+    if Path(name).exists():
+        return {}
+    try:
+        from diffusers import DiffusionPipeline
+
+        return dict(DiffusionPipeline.load_config(name, revision=revision))
+    except (OSError, ValueError):
+        return {}  # the Stable Diffusion loader then reports what is missing
+
+
+def _load_diffusers(name: str, revision, variant, allow_pickle) -> MainModel:
+    cls = _pipeline_index(name, revision).get("_class_name", "")
+    if cls.startswith("StableDiffusion3"):
+        return load_sd3(name, revision, variant, allow_pickle)
+    if cls.startswith("Flux"):
+        raise ModelError(
+            f"{name!r} is a Flux pipeline; lisa train runs Flux ControlNets on pixel-space "
+            "Flux folders made in code so far, not on hub Flux checkpoints (their T5 and CLIP "
+            "encoders are not wired in yet)."
+        )
+    return load_stable_diffusion(name, revision, variant, allow_pickle)
+
+
 def load_main_model(
     name: str | None, task: str | None = None, revision=None, variant=None, allow_pickle=False
 ) -> MainModel:
@@ -184,13 +275,13 @@ def load_main_model(
         if (folder / PIXEL_MODEL_FILE).is_file():
             return load_pixel_model(folder, allow_pickle)
         if (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
-            return load_stable_diffusion(str(folder), revision, variant, allow_pickle)
+            return _load_diffusers(str(folder), revision, variant, allow_pickle)
         raise ModelError(
             f"{name!r} is not a diffusers model folder (no model_index.json or unet/) nor a "
             f"`lisa pretrain` folder (no {PIXEL_MODEL_FILE})."
         )
     if _looks_like_hub_id(name):
-        return load_stable_diffusion(name, revision, variant, allow_pickle)
+        return _load_diffusers(name, revision, variant, allow_pickle)
     raise ModelError(
         f"model path {name!r} does not exist. Pass an existing folder or a hub id like 'org/model'."
     )

@@ -22,9 +22,8 @@ from . import checkpoint as ckpt
 from .branches import branch_class
 from .config import TrainConfig
 from .encoders import FrozenEncoders
-from .errors import CheckpointError, ConfigError, ModelError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError
 from .loading import MainModel, load_main_model, load_side_network
-from .objectives import make_objective
 from .step import ControlTrainingStep
 
 logger = logging.getLogger("lisa_control")
@@ -182,14 +181,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
     sample_size = resolution // model.vae_scale_factor
     condition_channels = getattr(dataset, "condition_channels", 3)
+    if model.condition_in_latent_space:
+        if condition_channels != 3:
+            raise DataError(
+                f"{model.family} ControlNets take the VAE-encoded control image, which must be "
+                f"RGB; the data has {condition_channels}-channel conditions."
+            )
+        condition_channels = model.vae.config.latent_channels
     branch = build_branch(cfg, model, condition_channels)
     regularizers = build_regularizers(cfg, branch, sample_size)
-    objective_name = cfg.prediction_type or model.objective
-    objective = make_objective(
-        objective_name,
-        scheduler=None if objective_name == "flow" else model.scheduler,
-        timestep_sampler=cfg.timestep_sampler if objective_name != "flow" else None,
-    )
+    objective = model.training_objective(cfg.prediction_type, cfg.timestep_sampler)
     step_module = ControlTrainingStep(branch, objective, regularizers)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(

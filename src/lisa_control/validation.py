@@ -62,6 +62,7 @@ class Validator:
         task=None,
         task_samples=None,
         feature_distance=None,
+        encode_condition=None,
     ):
         self.conditions = conditions
         self.contexts = contexts
@@ -76,12 +77,16 @@ class Validator:
         self.task = task
         self.task_samples = task_samples
         self.feature_distance = feature_distance
+        # Conditions stay images here (for the grids); this maps them to what the side network
+        # takes (VAE latents for SD3/Flux ControlNets).
+        self.encode_condition = encode_condition or (lambda condition: condition)
 
     @classmethod
     def from_config(cls, cfg, model, dataset, encoders, sample_size: int) -> "Validator":
         channels = model.sample_channels
         latent_shape = (channels, sample_size, sample_size)
         common = dict(
+            encode_condition=encoders.encode_condition,
             scheduler=evaluation_scheduler(model.scheduler),
             vae=model.vae,
             latent_shape=latent_shape,
@@ -139,7 +144,7 @@ class Validator:
             latents = torch.randn((n, *self.latent_shape), generator=g).to(device)
             x0 = sample(
                 branch,
-                self.conditions.to(device),
+                self.encode_condition(self.conditions.to(device)),
                 self.contexts.to(device),
                 self.scheduler,
                 num_inference_steps=self.steps,
