@@ -340,3 +340,28 @@ def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_pa
     assert (out / "validation" / "step-2.png").is_file()
     side = SD3ControlNetModel.from_pretrained(out / "controlnet")
     assert side.config.in_channels == 4
+
+
+def test_cached_latents_and_prompts_are_reused_per_item(tmp_path):
+    """--cache_latents: the second visit of an item reuses its VAE latent and text embedding
+    (a fresh encode would draw a new latent sample), and training with it runs."""
+    from lisa_control.encoders import FrozenEncoders
+    from lisa_control.loading import load_main_model
+
+    model_dir = make_sd_model(tmp_path / "sd")
+    model = load_main_model(str(model_dir))
+    batch = {
+        "pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1,
+        "conditioning_pixel_values": torch.rand(2, 3, 64, 64),
+        "caption": ["a b", "c"],
+        "index": torch.tensor([3, 5]),
+    }
+    cached = FrozenEncoders(model, "cpu", cache=True)
+    (x_a, ctx_a, _), (x_b, ctx_b, _) = cached.encode(batch), cached.encode(batch)
+    assert torch.equal(x_a, x_b)
+    assert torch.equal(ctx_a.encoder_hidden_states, ctx_b.encoder_hidden_states)
+    fresh = FrozenEncoders(model, "cpu")
+    assert not torch.equal(fresh.encode(batch)[0], fresh.encode(batch)[0])
+    data = make_image_folder(tmp_path / "data", n=2, size=64)
+    argv = train_args(model_dir, data, tmp_path / "run", steps=3, resolution=64)
+    assert main(["train", *argv, "--cache_latents"]) == 0

@@ -95,23 +95,23 @@ class FrozenEncoders:
     def encode(self, batch: dict) -> tuple[torch.Tensor, Context, torch.Tensor]:
         """(x0, context, condition) for one collated batch."""
         captions = list(batch["caption"])
-        if self.cache and "index" in batch:
-            indices = [int(i) for i in batch["index"]]
+        cached = self.cache and "index" in batch
+        indices = [int(i) for i in batch["index"]] if cached else []
+        if cached:
             x0 = self._cached(
                 self._latents, indices, lambda rows: self._images(batch["pixel_values"][rows])
             )
+        else:
+            x0 = self._images(batch["pixel_values"])
+        condition = self.encode_condition(batch["conditioning_pixel_values"])
+        if self.model.prompt_encoder is None and self.model.text_encoder is None:
+            return x0, self.null_context(x0.shape[0]), condition
+        if cached and self.model.prompt_encoder is None:
             text = self._cached(
                 self._contexts, indices, lambda rows: self._prompts([captions[r] for r in rows])
             )
-        else:
-            x0 = self._images(batch["pixel_values"])
-            text = self._prompts(captions)
-        condition = self.encode_condition(batch["conditioning_pixel_values"])
-        if self.model.prompt_encoder is not None:
-            return x0, self.prompt_context(captions), condition
-        if self.model.text_encoder is None:
-            return x0, self.null_context(x0.shape[0]), condition
-        return x0, Context(encoder_hidden_states=text), condition
+            return x0, Context(encoder_hidden_states=text), condition
+        return x0, self.prompt_context(captions), condition
 
 
 class PipelinePrompts:
