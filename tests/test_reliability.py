@@ -4,6 +4,7 @@ over; non-finite values stop or skip with the step and term named; SIGKILL at ra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -111,6 +112,9 @@ CASES = [
      lambda a, r: _with(a, controlnet_model_name_or_path=_one_channel_controlnet(r, r / "model")),
      ["channels"]),
     ("resolution-not-divisible", lambda a, r: _with(a, resolution=12), ["divisible"]),
+    ("lisa-target-unknown", lambda a, r: _with(a, lisa_target="eps"), ["lisa_target", "x0"]),
+    ("lisa-final-weight-without-steps", lambda a, r: _with(a, lisa_final_weight=0.1),
+     ["lisa_weight_decay_steps"]),
     ("output-dir-is-file",
      lambda a, r: _with(a, output_dir=r / "data" / "img0.png"), ["is a file"]),
     ("resume-other-config",
@@ -132,6 +136,9 @@ CASES = [
     ("zero-batch", lambda a, r: _with(a, train_batch_size=0), ["train_batch_size"]),
     ("missing-caption-column", lambda a, r: _with(a, caption_column="prompt"), ["prompt"]),
 ]
+if importlib.util.find_spec("bitsandbytes") is None:  # the error only exists without it
+    CASES.append(("8bit-adam-without-bitsandbytes",
+                  lambda a, r: _with(a, use_8bit_adam=None), ["bitsandbytes"]))
 
 
 def _config(root: Path, values: dict) -> Path:

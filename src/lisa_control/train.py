@@ -204,7 +204,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
+    optimizer_cls = torch.optim.AdamW
+    if cfg.use_8bit_adam:
+        # As in diffusers' script: bitsandbytes is the user's choice, not our dependency.
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(
+                "--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes` (CUDA only), or "
+                "drop the flag."
+            ) from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    optimizer = optimizer_cls(
         step_module.trainable_parameters(),
         lr=lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
