@@ -58,3 +58,22 @@ def test_layersync_comparison_uses_shared_steps_and_direction():
     assert result["speedup"] == pytest.approx(2.0)
     higher = layersync_pretrain.compare([(1, 0.1), (2, 0.3)], [(1, 0.05), (2, 0.1)], False)
     assert higher["layersync_steps"] is None and higher["speedup"] is None
+
+
+def test_ddp_scaling_script_runs_two_cpu_processes(tmp_path):
+    """The 2-GPU scaling benchmark, as a gloo smoke run on the CPU: both launches train, and
+    the reported scaling is the ratio of the measured throughputs."""
+    import json
+
+    import ddp_scaling
+
+    out = tmp_path / "scaling.json"
+    ddp_scaling.main(["--cpu", "--processes", "2", "--resolution", "16", "--block_out_channels",
+                      "32", "32", "--train_batch_size", "2", "--steps", "3", "--warmup", "1",
+                      "--run_dir", str(tmp_path / "runs"), "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    one, two = result["runs"]["1"], result["runs"]["2"]
+    assert one["steps"] == two["steps"] == 3
+    expected = two["samples_per_second"] / (2 * one["samples_per_second"])
+    assert result["scaling"] == pytest.approx(expected)
+    assert result["command"].startswith("python benchmarks/ddp_scaling.py --cpu")

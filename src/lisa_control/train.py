@@ -303,7 +303,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     progress = _progress(cfg, accelerator, global_step, max_steps)
     step_module.train()
     window: dict[str, torch.Tensor] = {}
-    t_start = time.perf_counter()
+    t_start = t_last = time.perf_counter()
     for batch in loader:
         if global_step >= max_steps:
             break
@@ -334,6 +334,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         logs = {k: accelerator.reduce(v, "mean").item() for k, v in window.items()}
         window = {}
         logs["lr"] = lr_scheduler.get_last_lr()[0]
+        # Wall time since the previous step was logged (validation and checkpoints included).
+        now = time.perf_counter()
+        logs["step_seconds"], t_last = now - t_last, now
         record = {"step": global_step, **logs}
         losses.append(record)
         if accelerator.is_main_process:
