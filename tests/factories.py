@@ -176,3 +176,70 @@ def make_sd3_model(folder: Path) -> Path:
     )
     pipe.save_pretrained(folder / "model")
     return folder / "model"
+
+
+def make_flux_model(folder: Path) -> Path:
+    """A complete, tiny Flux.1 folder: CLIP (pooled, 16-d), T5 (16-d tokens; a Unigram tokenizer
+    of single characters), a guidance-distilled transformer, a shifting 8x VAE with 4 latent
+    channels, and Flux's dynamically shifting scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    from lisa_control.flow_models import tiny_flux_transformer
+
+    torch.manual_seed(5)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16,
+    ))  # fmt: skip
+    clip_tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
+    )
+    pieces = ["<pad>", "</s>", "<unk>", *chars]
+    unigram = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=2))
+    unigram.pre_tokenizer = pre_tokenizers.Whitespace()
+    t5_tokenizer = T5TokenizerFast(
+        tokenizer_object=unigram, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_ids=0, model_max_length=32,
+    )  # fmt: skip
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(pieces), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+    ))  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=64,
+        shift_factor=0.1,
+        scaling_factor=1.5,
+    )
+    transformer = tiny_flux_transformer(
+        latent_channels=4, num_layers=1, num_single_layers=1, context_dim=16, pooled_dim=16,
+        guidance_embeds=True,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
+        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
+    )  # fmt: skip
+    pipe.save_pretrained(folder / "model")
+    return folder / "model"

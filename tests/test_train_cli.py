@@ -365,3 +365,29 @@ def test_cached_latents_and_prompts_are_reused_per_item(tmp_path):
     data = make_image_folder(tmp_path / "data", n=2, size=64)
     argv = train_args(model_dir, data, tmp_path / "run", steps=3, resolution=64)
     assert main(["train", *argv, "--cache_latents"]) == 0
+
+
+def test_flux_folder_trains_with_text_and_latent_conditions(tmp_path):
+    """A Flux diffusers folder (CLIP + T5, guidance-distilled transformer, dynamic-shift
+    scheduler) trains a Flux ControlNet with LISA through `lisa train`."""
+    from diffusers import FluxControlNetModel
+    from factories import make_flux_model
+
+    from lisa_control.encoders import FrozenEncoders
+    from lisa_control.loading import load_main_model
+
+    model_dir = make_flux_model(tmp_path / "flux")
+    model = load_main_model(str(model_dir))
+    assert model.family == "flux" and model.condition_in_latent_space
+    assert model.training_objective().shift == 3.0
+    ctx = FrozenEncoders(model, "cpu").prompt_context(["a cat", "b"])
+    assert ctx.encoder_hidden_states.shape[-1] == 16
+    assert ctx.extra["pooled_projections"].shape == (2, 16)
+    data = make_image_folder(tmp_path / "data", n=4, size=64)
+    out = tmp_path / "run"
+    argv = train_args(model_dir, data, out, steps=2, resolution=64, validation_steps=2)
+    assert main(["train", *argv]) == 0
+    log = read_log(out / "loss_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2] and all("aux_loss" in r for r in log)
+    assert (out / "validation" / "step-2.png").is_file()
+    assert FluxControlNetModel.from_pretrained(out / "controlnet").config.in_channels == 16

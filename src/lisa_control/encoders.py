@@ -115,8 +115,9 @@ class FrozenEncoders:
 
 
 class PipelinePrompts:
-    """Text conditioning through a diffusers pipeline's own ``encode_prompt``: for SD3, two
-    CLIP encoders (pooled and per-token) and T5, combined exactly as the pipeline does."""
+    """Text conditioning through a diffusers pipeline's own ``encode_prompt``, combined exactly
+    as the pipeline does: SD3's two CLIP encoders (pooled and per-token) and optional T5, or
+    Flux's CLIP (pooled) and T5 (per-token, with its position ids)."""
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -127,12 +128,19 @@ class PipelinePrompts:
 
     @torch.no_grad()
     def __call__(self, captions: list[str], device) -> Context:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(captions),
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
+        captions = list(captions)
+        if hasattr(self.pipe, "text_encoder_3"):  # Stable Diffusion 3
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=captions,
+                prompt_2=None,
+                prompt_3=None,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+            return Context(encoder_hidden_states=embeds, extra={"pooled_projections": pooled})
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=captions, prompt_2=None, device=device, num_images_per_prompt=1
         )
-        return Context(encoder_hidden_states=embeds, extra={"pooled_projections": pooled})
+        extra = {"pooled_projections": pooled, "txt_ids": text_ids}
+        return Context(encoder_hidden_states=embeds, extra=extra)

@@ -48,14 +48,22 @@ class MainModel:
 
     def training_objective(self, prediction_type: str | None = None, timestep_sampler=None):
         """The objective the model was trained with: DDPM eps/v over its scheduler, or rectified
-        flow; latent SD3 models get diffusers' SD3 recipe with their scheduler's shift."""
+        flow; latent SD3 and Flux models get diffusers' recipes with their scheduler's shift."""
         from .objectives import make_objective
 
         name = prediction_type or self.objective
-        if name == "flow" and self.family == "sd3" and not self.is_pixel_space:
+        if name == "flow" and not self.is_pixel_space and self.family in ("sd3", "flux"):
             from .branches.sd3_controlnet import PreconditionedFlowObjective
 
-            return PreconditionedFlowObjective.from_scheduler(self.scheduler)
+            if self.family == "sd3":
+                return PreconditionedFlowObjective.from_scheduler(self.scheduler)
+            # diffusers' train_controlnet_flux.py: the scheduler's static shift, plain velocity
+            # loss (Flux's scheduler shifts dynamically only at inference).
+            return PreconditionedFlowObjective(
+                shift=self.scheduler.config.shift,
+                num_timesteps=self.scheduler.config.num_train_timesteps,
+                precondition_outputs=False,
+            )
         return make_objective(
             name,
             scheduler=None if name == "flow" else self.scheduler,
@@ -188,42 +196,56 @@ def load_stable_diffusion(
     )
 
 
-def load_sd3(name: str, revision=None, variant=None, allow_pickle: bool = False) -> MainModel:
-    """A Stable Diffusion 3 / 3.5 folder or hub id: transformer, VAE, scheduler, and its text
-    encoders behind the pipeline's own ``encode_prompt``."""
-    from diffusers import StableDiffusion3Pipeline
+def load_flow_pipeline(
+    name: str, family: str, revision=None, variant=None, allow_pickle: bool = False
+) -> MainModel:
+    """A Stable Diffusion 3 / 3.5 (``family="sd3"``) or Flux.1 (``"flux"``) folder or hub id:
+    transformer, VAE, scheduler, and the text encoders behind the pipeline's own
+    ``encode_prompt``."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     from .encoders import PipelinePrompts
 
+    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
     local = Path(name)
     if local.is_dir():
         for sub in ("transformer", "vae"):
             _check_weight_files(local / sub, allow_pickle)
-    # SD3 runs without T5 (zeros in its place) and without the IP-Adapter image encoder; a
+    # SD3 runs without T5 (zeros in its place), both without the IP-Adapter image encoder; a
     # folder saved that way lists no such component, and the pipeline wants them passed as None.
     index = _pipeline_index(name, revision)
     optional = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
-    absent = {k: None for k in optional if index.get(k, [None, None])[0] is None}
+    accepted = _init_parameters(pipeline_cls)
+    absent = {k: None for k in optional if k in accepted and index.get(k, [None])[0] is None}
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(
+        pipe = pipeline_cls.from_pretrained(
             name, revision=revision, variant=variant, use_safetensors=not allow_pickle, **absent
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"cannot load a Stable Diffusion 3 model from {name!r}: {first}. Pass a diffusers "
+            f"cannot load a {pipeline_cls.__name__} from {name!r}: {first}. Pass a diffusers "
             "folder with transformer/, vae/, text encoders and scheduler/, or a hub id."
         ) from None
+    # Flux's transformer has no sample_size; its pipeline's default is 128 latent pixels.
+    latent_size = getattr(pipe.transformer.config, "sample_size", None)
+    latent_size = latent_size or getattr(pipe, "default_sample_size", 128)
     return MainModel(
         main_network=pipe.transformer,
         scheduler=pipe.scheduler,
         vae=pipe.vae,
-        resolution=pipe.transformer.config.sample_size * pipe.vae_scale_factor,
+        resolution=latent_size * pipe.vae_scale_factor,
         source=name,
-        family="sd3",
+        family=family,
         objective="flow",
         prompt_encoder=PipelinePrompts(pipe),
     )
+
+
+def _init_parameters(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
 
 
 def _pipeline_index(name: str, revision=None) -> dict:
@@ -244,13 +266,9 @@ def _pipeline_index(name: str, revision=None) -> dict:
 def _load_diffusers(name: str, revision, variant, allow_pickle) -> MainModel:
     cls = _pipeline_index(name, revision).get("_class_name", "")
     if cls.startswith("StableDiffusion3"):
-        return load_sd3(name, revision, variant, allow_pickle)
+        return load_flow_pipeline(name, "sd3", revision, variant, allow_pickle)
     if cls.startswith("Flux"):
-        raise ModelError(
-            f"{name!r} is a Flux pipeline; lisa train runs Flux ControlNets on pixel-space "
-            "Flux folders made in code so far, not on hub Flux checkpoints (their T5 and CLIP "
-            "encoders are not wired in yet)."
-        )
+        return load_flow_pipeline(name, "flux", revision, variant, allow_pickle)
     return load_stable_diffusion(name, revision, variant, allow_pickle)
 
 

@@ -42,7 +42,11 @@ def evaluation_scheduler(train_scheduler):
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     if isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler):
-        return FlowMatchEulerDiscreteScheduler.from_config(train_scheduler.config)
+        # Flux's scheduler shifts by image size at inference (it needs a `mu` per call); the
+        # validation samples use its static shift instead, so any sampler call works.
+        return FlowMatchEulerDiscreteScheduler.from_config(
+            train_scheduler.config, use_dynamic_shifting=False
+        )
     return DPMSolverMultistepScheduler.from_config(train_scheduler.config)
 
 
