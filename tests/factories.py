@@ -49,41 +49,34 @@ def make_image_folder(folder: Path, n: int = 8, size: int = 16, seed: int = 0) -
     return folder
 
 
-def make_sd_model(folder: Path) -> Path:
-    """A complete, tiny Stable Diffusion folder (VAE with 8x down-sampling, CLIP text encoder
-    and a tokenizer from a vocabulary of single characters)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
-    from lisa_control.model_configs import tiny_unet
 
-    torch.manual_seed(2)
-    folder.mkdir(parents=True, exist_ok=True)
+def tiny_clip(folder: Path, model_cls, **config):
+    """A CLIP text encoder of class ``model_cls`` (hidden size 16) and its tokenizer, built from
+    a vocabulary of single characters written to ``folder``."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
+    for c in CHARS:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-        )
-    )
-    vae = AutoencoderKL(
+    settings = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, max_position_embeddings=16) | config  # fmt: skip
+    return model_cls(CLIPTextConfig(vocab_size=len(vocab), **settings)), tokenizer
+
+
+def tiny_vae(**config):
+    """An AutoencoderKL with 8x down-sampling and 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(8, 8, 8, 8),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -91,7 +84,21 @@ def make_sd_model(folder: Path) -> Path:
         norm_num_groups=4,
         layers_per_block=1,
         sample_size=64,
+        **config,
     )
+
+
+def make_sd_model(folder: Path) -> Path:
+    """A complete, tiny Stable Diffusion folder (VAE with 8x down-sampling, CLIP text encoder
+    and a tokenizer from a vocabulary of single characters)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from lisa_control.model_configs import tiny_unet
+
+    torch.manual_seed(2)
+    text_encoder, tokenizer = tiny_clip(folder, CLIPTextModel)
+    vae = tiny_vae()
     unet = UNet2DConditionModel(
         **tiny_unet(
             sample_size=8,
@@ -120,45 +127,20 @@ def make_sd3_model(folder: Path) -> Path:
     pooled outputs make the 32-d pooled vector, their hidden states the 32-d tokens), no T5
     (the pipeline then uses zeros, as SD3 allows), a shifting 8x VAE and a shift-3 scheduler."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection
 
     from lisa_control.flow_models import tiny_flow_dit_config
 
     torch.manual_seed(4)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-
-    def clip():
-        config = CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=16, projection_dim=16,
-        )  # fmt: skip
-        return CLIPTextModelWithProjection(config), CLIPTokenizer(
-            str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
-        )
-
-    (text_encoder, tokenizer), (text_encoder_2, tokenizer_2) = clip(), clip()
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=64,
-        shift_factor=0.1,
-        scaling_factor=1.5,
-    )
+    text_encoder, tokenizer = tiny_clip(folder, CLIPTextModelWithProjection, projection_dim=16,
+                                        num_hidden_layers=2)  # fmt: skip
+    text_encoder_2, tokenizer_2 = tiny_clip(folder, CLIPTextModelWithProjection,
+                                            projection_dim=16, num_hidden_layers=2)  # fmt: skip
+    vae = tiny_vae(shift_factor=0.1, scaling_factor=1.5)
     transformer = SD3Transformer2DModel(
         **tiny_flow_dit_config(sample_size=8, in_channels=4, num_layers=2,
                                num_attention_heads=2, attention_head_dim=8)
@@ -182,36 +164,15 @@ def make_flux_model(folder: Path) -> Path:
     """A complete, tiny Flux.1 folder: CLIP (pooled, 16-d), T5 (16-d tokens; a Unigram tokenizer
     of single characters), a guidance-distilled transformer, a shifting 8x VAE with 4 latent
     channels, and Flux's dynamically shifting scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-        T5TokenizerFast,
-    )
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
     from lisa_control.flow_models import tiny_flux_transformer
 
     torch.manual_seed(5)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in chars:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=16,
-    ))  # fmt: skip
-    clip_tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16
-    )
-    pieces = ["<pad>", "</s>", "<unk>", *chars]
+    clip, clip_tokenizer = tiny_clip(folder, CLIPTextModel)
+    pieces = ["<pad>", "</s>", "<unk>", *CHARS]
     unigram = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=2))
     unigram.pre_tokenizer = pre_tokenizers.Whitespace()
     t5_tokenizer = T5TokenizerFast(
@@ -221,17 +182,7 @@ def make_flux_model(folder: Path) -> Path:
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(pieces), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
     ))  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=64,
-        shift_factor=0.1,
-        scaling_factor=1.5,
-    )
+    vae = tiny_vae(shift_factor=0.1, scaling_factor=1.5)
     transformer = tiny_flux_transformer(
         latent_channels=4, num_layers=1, num_single_layers=1, context_dim=16, pooled_dim=16,
         guidance_embeds=True,
