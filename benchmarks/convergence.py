@@ -300,14 +300,6 @@ def summarize(args) -> dict:
     for task in args.tasks:
         if args.from_json:
             per_variant = json.loads(Path(args.from_json).read_text())["tasks"][task]["variants"]
-            per_variant = {
-                v: [
-                    {**r, "curve": [tuple(x) for x in r["curve"]], "feature_distance_curve":
-                     [tuple(x) for x in r.get("feature_distance_curve", [])]}
-                    for r in runs
-                ]
-                for v, runs in per_variant.items()
-            }  # fmt: skip
         else:
             per_variant = collect_runs(args, task)
         summary["tasks"][task] = analyse(task, get_task(task).metric_name, per_variant, budgets)

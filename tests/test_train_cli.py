@@ -307,6 +307,19 @@ def test_resume_accepts_a_checkpoint_from_before_a_setting_existed(assets, tmp_p
     assert [r["step"] for r in read_log(out / "loss_log.jsonl")] == [1, 2, 3]
 
 
+def train_latent_flow_model(model_dir: Path, tmp_path: Path) -> Path:
+    """Two LISA steps of `lisa train` on a latent SD3/Flux folder with 64 px captioned images,
+    validating at step 2; checks the loss log and the grid, returns the output folder."""
+    data = make_image_folder(tmp_path / "data", n=4, size=64)
+    out = tmp_path / "run"
+    argv = train_args(model_dir, data, out, steps=2, resolution=64, validation_steps=2)
+    assert main(["train", *argv]) == 0
+    log = read_log(out / "loss_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2] and all("aux_loss" in r for r in log)
+    assert (out / "validation" / "step-2.png").is_file()
+    return out
+
+
 def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_path):
     """An SD3 diffusers folder (two CLIPs, VAE with shift, shift-3 scheduler) trains an SD3
     ControlNet with LISA through `lisa train`: captions go through the pipeline's encode_prompt,
@@ -331,13 +344,7 @@ def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_pa
     assert not torch.equal(ctx.encoder_hidden_states[0], ctx.encoder_hidden_states[1])
     assert encoders.encode_condition(torch.rand(2, 3, 64, 64)).shape == (2, 4, 8, 8)
 
-    data = make_image_folder(tmp_path / "data", n=4, size=64)
-    out = tmp_path / "run"
-    argv = train_args(model_dir, data, out, steps=2, resolution=64, validation_steps=2)
-    assert main(["train", *argv]) == 0
-    log = read_log(out / "loss_log.jsonl")
-    assert [r["step"] for r in log] == [1, 2] and all("aux_loss" in r for r in log)
-    assert (out / "validation" / "step-2.png").is_file()
+    out = train_latent_flow_model(model_dir, tmp_path)
     side = SD3ControlNetModel.from_pretrained(out / "controlnet")
     assert side.config.in_channels == 4
 
@@ -383,11 +390,5 @@ def test_flux_folder_trains_with_text_and_latent_conditions(tmp_path):
     ctx = FrozenEncoders(model, "cpu").prompt_context(["a cat", "b"])
     assert ctx.encoder_hidden_states.shape[-1] == 16
     assert ctx.extra["pooled_projections"].shape == (2, 16)
-    data = make_image_folder(tmp_path / "data", n=4, size=64)
-    out = tmp_path / "run"
-    argv = train_args(model_dir, data, out, steps=2, resolution=64, validation_steps=2)
-    assert main(["train", *argv]) == 0
-    log = read_log(out / "loss_log.jsonl")
-    assert [r["step"] for r in log] == [1, 2] and all("aux_loss" in r for r in log)
-    assert (out / "validation" / "step-2.png").is_file()
+    out = train_latent_flow_model(model_dir, tmp_path)
     assert FluxControlNetModel.from_pretrained(out / "controlnet").config.in_channels == 16

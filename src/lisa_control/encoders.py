@@ -43,8 +43,7 @@ class FrozenEncoders:
 
     @torch.no_grad()
     def _prompts(self, captions: list[str]) -> torch.Tensor:
-        if self.model.text_encoder is None:
-            return self.null_context(len(captions)).encoder_hidden_states
+        """Hidden states of the model's single CLIP text encoder (SD 1.x/2.x)."""
         tok = self.model.tokenizer
         ids = tok(
             captions,
@@ -104,9 +103,7 @@ class FrozenEncoders:
         else:
             x0 = self._images(batch["pixel_values"])
         condition = self.encode_condition(batch["conditioning_pixel_values"])
-        if self.model.prompt_encoder is None and self.model.text_encoder is None:
-            return x0, self.null_context(x0.shape[0]), condition
-        if cached and self.model.prompt_encoder is None:
+        if cached and self.model.prompt_encoder is None and self.model.text_encoder is not None:
             text = self._cached(
                 self._contexts, indices, lambda rows: self._prompts([captions[r] for r in rows])
             )

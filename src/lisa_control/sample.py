@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args) -> Path:
-    import diffusers
+    from diffusers import ControlNetModel
 
     from .branches import branch_class
     from .data.images import load_image, to_condition_tensor
@@ -48,15 +48,13 @@ def generate(args) -> Path:
         args.pretrained_model_name_or_path, args.task, allow_pickle=args.allow_pickle
     )
     cls = branch_class(model.family, args.side_network)
-    if not model.is_pixel_space and cls.side_network_class != "ControlNetModel":
+    if not model.is_pixel_space and cls.side_network_class is not ControlNetModel:
         raise ConfigError(
             "`lisa sample` runs latent models through the stock StableDiffusionControlNetPipeline, "
             "so it takes a ControlNet for a Stable Diffusion UNet; use diffusers' own pipeline "
             f"for a {args.side_network} on a {model.family} model."
         )
-    controlnet = load_side_network(
-        args.controlnet, args.allow_pickle, getattr(diffusers, cls.side_network_class)
-    )
+    controlnet = load_side_network(args.controlnet, args.allow_pickle, cls.side_network_class)
     branch = cls(model.main_network, controlnet).to(device).eval()
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
     if len(prompts) != len(args.image):

@@ -74,15 +74,11 @@ def build_dataset(cfg: TrainConfig, model: MainModel):
 
 def build_branch(cfg: TrainConfig, model: MainModel, condition_channels: int):
     """The dual branch of the main model's family, with a new or loaded side network."""
-    import diffusers
-
     cls = branch_class(model.family, cfg.side_network)
     side_network = None
     if cfg.controlnet_model_name_or_path:
         side_network = load_side_network(
-            cfg.controlnet_model_name_or_path,
-            cfg.allow_pickle,
-            getattr(diffusers, cls.side_network_class),
+            cfg.controlnet_model_name_or_path, cfg.allow_pickle, cls.side_network_class
         )
     branch = cls.for_training(
         model.main_network, side_network, condition_channels, model.vae_scale_factor

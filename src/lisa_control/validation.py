@@ -84,6 +84,7 @@ class Validator:
         # Conditions stay images here (for the grids); this maps them to what the side network
         # takes (VAE latents for SD3/Flux ControlNets).
         self.encode_condition = encode_condition or (lambda condition: condition)
+        self._side_conditions: torch.Tensor | None = None  # encoded on first use, then kept
 
     @classmethod
     def from_config(cls, cfg, model, dataset, encoders, sample_size: int) -> "Validator":
@@ -141,6 +142,8 @@ class Validator:
         from .sampling import decode, init_noise_sigma, sample
 
         device = next(branch.side_network.parameters()).device
+        if self._side_conditions is None:
+            self._side_conditions = self.encode_condition(self.conditions.to(device))
         outputs = []
         for k in range(self.samples_per_condition):
             g = torch.Generator(device="cpu").manual_seed(self.seed + k)
@@ -148,7 +151,7 @@ class Validator:
             latents = torch.randn((n, *self.latent_shape), generator=g).to(device)
             x0 = sample(
                 branch,
-                self.encode_condition(self.conditions.to(device)),
+                self._side_conditions.to(device),
                 self.contexts.to(device),
                 self.scheduler,
                 num_inference_steps=self.steps,

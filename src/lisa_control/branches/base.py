@@ -60,7 +60,7 @@ class DualBranch(nn.Module):
     """
 
     # The stock diffusers class of the side network, for loading saved weights.
-    side_network_class: ClassVar[str] = ""
+    side_network_class: ClassVar[type[nn.Module]]
     # True where the side network encodes the condition image itself (UNet ControlNet, T2I-
     # Adapter), so its constructor needs the condition's channels and its size relative to the
     # sample; False where the condition comes in the sample's shape (SD3, Flux).

@@ -151,7 +151,7 @@ class FluxControlNetBranch(DualBranch):
     optional ``extra["guidance"]``, ``extra["txt_ids"]`` (L, 3), ``extra["img_ids"]`` (N, 3).
     """
 
-    side_network_class = "FluxControlNetModel"
+    side_network_class = FluxControlNetModel
 
     main_network: FluxTransformer2DModel
     side_network: FluxControlNetModel

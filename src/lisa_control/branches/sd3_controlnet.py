@@ -239,7 +239,7 @@ class SD3ControlNetBranch(DualBranch):
     ``condition``: a latent-shaped tensor (see the module docstring). Timesteps are 1000 s.
     """
 
-    side_network_class = "SD3ControlNetModel"
+    side_network_class = SD3ControlNetModel
 
     main_network: SD3Transformer2DModel
     side_network: SD3ControlNetModel

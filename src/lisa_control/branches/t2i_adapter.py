@@ -126,7 +126,7 @@ def default_adapter_layer(adapter: T2IAdapter) -> str:
 class T2IAdapterBranch(DualBranch):
     """Frozen ``UNet2DConditionModel`` + trainable ``T2IAdapter``."""
 
-    side_network_class = "T2IAdapter"
+    side_network_class = T2IAdapter
     condition_at_pixel_level = True
 
     main_network: UNet2DConditionModel

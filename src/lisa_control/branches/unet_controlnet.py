@@ -61,7 +61,7 @@ class UNetControlNetBranch(DualBranch):
             kernels' summation order; more backward work, so off unless a benchmark says so.
     """
 
-    side_network_class = "ControlNetModel"
+    side_network_class = ControlNetModel
     condition_at_pixel_level = True
 
     main_network: UNet2DConditionModel

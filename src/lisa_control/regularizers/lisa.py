@@ -212,5 +212,5 @@ class LikelihoodScoreAlignment(Regularizer):
         }
         weight = self.weight_at(state.step)
         if self.final_weight is not None:
-            logs["aux_weight"] = torch.tensor(weight)
+            logs["aux_weight"] = aux.new_tensor(weight)  # on aux's device: logs are all-reduced
         return RegularizerOutput(loss=weight * aux, logs=logs)
