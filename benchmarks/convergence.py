@@ -41,8 +41,6 @@ VARIANTS = {
     "lisa_w5": {"regularizer": "lisa", "lisa_weight": 5.0},
     "lisa_cosine": {"regularizer": "lisa", "lisa_distance": "cosine"},
     "lisa_mid": {"regularizer": "lisa", "lisa_layer": "mid"},
-    "lisa_down_2": {"regularizer": "lisa", "lisa_layer": "down_2"},
-    "lisa_down_8": {"regularizer": "lisa", "lisa_layer": "down_8"},
     "lisa_t_high": {"regularizer": "lisa", "lisa_timestep_range": "500 1000"},
     "lisa_x0": {"regularizer": "lisa", "lisa_target": "x0"},
     "lisa_score": {"regularizer": "lisa", "lisa_target": "score"},
@@ -59,7 +57,17 @@ VARIANTS = {
         "lisa_final_weight": 0.2,
         "lisa_weight_decay_steps": 500,
     },
+    # the two variants ahead on segmentation (BENCHMARKS.md 1c), together
+    "lisa_t_high_w1": {
+        "regularizer": "lisa",
+        "lisa_weight": 1.0,
+        "lisa_timestep_range": "500 1000",
+    },
 }
+# Every zero projection of the tiny UNets' ControlNets (down_0 .. down_8; mid is above).
+VARIANTS.update(
+    {f"lisa_down_{k}": {"regularizer": "lisa", "lisa_layer": f"down_{k}"} for k in range(9)}
+)
 
 
 def build_parser():
@@ -187,7 +195,6 @@ def collect_runs(args, task: str) -> dict[str, list[dict]]:
                 continue
             evals = [json.loads(x) for x in vpath.read_text().splitlines()]
             losses = [json.loads(x) for x in lpath.read_text().splitlines()]
-            timing = run_dir / "stdout.txt"
             runs.append(
                 {
                     "seed": seed,
@@ -204,7 +211,7 @@ def collect_runs(args, task: str) -> dict[str, list[dict]]:
                     "diffusion_loss_last100": statistics.fmean(
                         r["diffusion_loss"] for r in losses[-100:]
                     ),
-                    "seconds_per_step": _seconds_per_step(timing, len(losses)),
+                    "seconds_per_step": median_step_seconds(losses),
                 }
             )
         per_variant[variant] = runs
@@ -317,11 +324,12 @@ def _mean_sd(values):
     }
 
 
-def _seconds_per_step(stdout: Path, steps: int) -> float | None:
-    for line in stdout.read_text().splitlines() if stdout.is_file() else []:
-        if line.startswith("saved side network") and "s)" in line:
-            return float(line.rsplit("(", 1)[1].rstrip("s)")) / max(steps, 1)
-    return None
+def median_step_seconds(losses: list[dict]) -> float | None:
+    """Median wall time of one step from the loss log. The median, because the steps that ran a
+    validation or saved a checkpoint carry that time too; the loss log, because it survives a
+    run stopped at the deadline."""
+    times = [r["step_seconds"] for r in losses if "step_seconds" in r]
+    return statistics.median(times) if times else None
 
 
 def plot(summary: dict, path: Path) -> None:

@@ -66,6 +66,7 @@ from lisa_control import (
     UNetControlNetBranch,
     make_objective,
 )
+from lisa_control.compilation import compile_blocks
 from lisa_control.decoders import ScoreDecoder
 from lisa_control.model_configs import SD21_BASE_UNET, tiny_unet
 
@@ -167,24 +168,6 @@ class Setup:
 def autocast(device_type: str, dtype: torch.dtype):
     """Mixed-precision autocast; fp32 means none (the CPU smoke run)."""
     return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile each block in place. Blocks, not the whole model: the shared-encoder path
-    calls the UNet's blocks directly, and LISA's hook on a zero projection stays in eager.
-
-    Static shapes: instances of one block class share their code, so dynamo would otherwise
-    turn to dynamic shapes after the second instance; each (instance, shape, grad mode) gets its
-    own graph, hence the raised recompile limit.
-    """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for name in ("down_blocks", "up_blocks"):
-        for block in getattr(model, name, None) or []:
-            block.compile(dynamic=False)
-    for name in ("mid_block", "controlnet_cond_embedding"):
-        module = getattr(model, name, None)
-        if module is not None:
-            module.compile(dynamic=False)
 
 
 def _adamw_steps_taken(optimizer: torch.optim.Optimizer) -> int:

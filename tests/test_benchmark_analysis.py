@@ -47,6 +47,25 @@ def test_identical_curves_give_one_and_runs_compare_on_common_steps():
     assert convergence.compare_to_plain(plain, run(0, [0.1, 0.3])) is None
 
 
+def test_step_time_is_the_median_of_the_loss_log_ignoring_validation_steps():
+    # Step 3 ran a validation: one slow step must not move the per-step figure.
+    losses = [{"step": i, "step_seconds": t} for i, t in enumerate([0.1, 0.1, 9.0, 0.1, 0.12], 1)]
+    assert convergence.median_step_seconds(losses) == pytest.approx(0.1)
+    assert convergence.median_step_seconds([{"step": 1}]) is None
+
+
+@pytest.mark.parametrize("variant", sorted(convergence.VARIANTS))
+def test_every_ablation_variant_is_a_valid_train_command(variant, tmp_path):
+    from lisa_control.config import parse_args
+
+    args = convergence.build_parser().parse_args(["--run_dir", str(tmp_path)])
+    cfg = parse_args(convergence.run_flags(args, "pose", variant, seed=0))
+    expected = convergence.VARIANTS[variant]
+    assert cfg.regularizer == expected["regularizer"]
+    assert cfg.lisa_weight == expected.get("lisa_weight", 0.2)
+    assert cfg.lisa_layer == expected.get("lisa_layer")
+
+
 def test_layersync_comparison_uses_shared_steps_and_direction():
     base = [(250, 400.0), (500, 300.0), (750, 200.0), (800, 190.0)]
     other = [(250, 300.0), (500, 200.0), (700, 150.0)]

@@ -134,6 +134,11 @@ CASES = [
      ["lisa_weight", "number"]),
     ("bad-regularizer", lambda a, r: _with(a, regularizer="lisa2"), ["regularizer", "lisa"]),
     ("zero-batch", lambda a, r: _with(a, train_batch_size=0), ["train_batch_size"]),
+    (
+        "unknown-compile-backend",
+        lambda a, r: _with(a, torch_compile=None, torch_compile_backend="inductr"),
+        ["inductr", "inductor"],
+    ),
     ("missing-caption-column", lambda a, r: _with(a, caption_column="prompt"), ["prompt"]),
 ]
 if importlib.util.find_spec("bitsandbytes") is None:  # the error only exists without it

@@ -188,6 +188,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     regularizers = build_regularizers(cfg, branch, sample_size)
     objective = model.training_objective(cfg.prediction_type, cfg.timestep_sampler)
     step_module = ControlTrainingStep(branch, objective, regularizers)
+    if cfg.torch_compile:
+        from .compilation import compile_blocks
+
+        # After the regularizers: their hooks decide which blocks stay eager.
+        for role, net in (("main", branch.main_network), ("side", branch.side_network)):
+            counts = compile_blocks(net, cfg.torch_compile_backend)
+            accelerator.print(
+                f"torch.compile ({cfg.torch_compile_backend}): {role} network "
+                f"{counts['compiled']} blocks compiled, {counts['left_eager']} left eager (hooked)"
+            )
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
