@@ -1,15 +1,22 @@
 """The benchmarks' arithmetic: steps-to-level, interpolated speed-up and mean gain on curves
-made up by hand, and the LayerSync comparison over the steps both runs made."""
+made up by hand, the LayerSync comparison over the steps both runs made, and the held-out loss
+of the main-network benchmark with predictions whose error is known."""
 
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import convergence  # noqa: E402
 import layersync_pretrain  # noqa: E402
+import shipped_realism  # noqa: E402
+from factories import make_pixel_model  # noqa: E402
+
+from lisa_control.data.tasks import get_task  # noqa: E402
+from lisa_control.loading import load_main_model  # noqa: E402
 
 
 def run(seed, values, every=100):
@@ -28,8 +35,9 @@ def test_a_curve_twice_as_fast_gives_speedup_two():
     fast = run(0, [0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8, 0.8])
     result = convergence.compare_to_plain(plain, fast)
     assert result["speedup_interpolated"] == pytest.approx(2.0)
-    assert result["mean_gain"] == pytest.approx(sum(
-        f - p for (_, f), (_, p) in zip(fast["curve"], plain["curve"])) / 8)
+    assert result["mean_gain"] == pytest.approx(
+        sum(f - p for (_, f), (_, p) in zip(fast["curve"], plain["curve"])) / 8
+    )
     # plain's own final level (mean of its last 3 evals, 0.7) is reached by its running mean
     # of three at step 800; the fast run's running mean, (0.6 + 0.8 + 0.8) / 3, at step 500:
     # the smoothing lags a sharp rise, so this ratio understates a true 2x.
@@ -96,3 +104,19 @@ def test_ddp_scaling_script_runs_two_cpu_processes(tmp_path):
     expected = two["samples_per_second"] / (2 * one["samples_per_second"])
     assert result["scaling"] == pytest.approx(expected)
     assert result["command"].startswith("python benchmarks/ddp_scaling.py --cpu")
+
+
+def test_held_out_loss_scores_known_predictions_per_noise_band(tmp_path, monkeypatch):
+    model = load_main_model(str(make_pixel_model(tmp_path / "main", resolution=16)))
+    task = get_task("pose", resolution=16)
+    # Predicting zero leaves the whole eps target: mean eps^2 = 1 in every band.
+    monkeypatch.setattr(shipped_realism, "predict", lambda net, x, t, ctx: torch.zeros_like(x))
+    zero = shipped_realism.held_out_loss(model, task, count=64, device="cpu")
+    for band in ("all_t", "t_below_half", "t_above_half"):
+        assert zero[band] == pytest.approx(1.0, abs=0.05)
+    # Predicting x_t itself misses by alpha_t x0 + (sigma_t - 1) eps: nearly nothing above
+    # t = 500, where alpha_t^2 < 0.08 on this schedule, and up to |x0 - eps| near t = 0.
+    monkeypatch.setattr(shipped_realism, "predict", lambda net, x, t, ctx: x)
+    noisy = shipped_realism.held_out_loss(model, task, count=64, device="cpu")
+    assert noisy["t_above_half"] < 0.1 < 0.3 < noisy["t_below_half"]
+    assert noisy["all_t"] == pytest.approx((noisy["t_above_half"] + noisy["t_below_half"]) / 2)

@@ -4,8 +4,11 @@ loadable main network, a curve with realism and feature distance, samples and th
 import json
 
 import pytest
+import torch
 
+from lisa_control.errors import LisaError
 from lisa_control.loading import load_pixel_model
+from lisa_control.pretrain import build_parser
 from lisa_control.pretrain import main as pretrain_main
 
 TOY = [
@@ -61,3 +64,66 @@ def test_pretrain_with_layersync_writes_a_loadable_model_and_curves(tmp_path, ar
     assert model.family == ("unet" if architecture == "unet" else "sd3")
     record = json.loads((out / "model" / "lisa_model.json").read_text())
     assert record["steps"] == 4 and "--regularizer layersync" in record["command"]
+
+
+UNET = ["--block_out_channels", "8", "16", "--layers_per_block", "1", "--cross_attention_dim", "8"]
+QUIET = ["--no-feature_distance", "--sample_every", "100"]
+
+
+def _losses(folder):
+    return [json.loads(x)["loss"] for x in (folder / "loss_log.jsonl").read_text().splitlines()]
+
+
+def test_init_from_continues_the_saved_network_and_counts_its_steps(tmp_path):
+    first = tmp_path / "first"
+    pretrain_main([*TOY, *UNET, *QUIET, "--output_dir", str(first)])
+    # A learning rate too small to move fp32 weights: the continued network must come out as
+    # the one it started from, which proves the weights (not just the config) were loaded.
+    pretrain_main(
+        [*TOY, *QUIET, "--max_train_steps", "2", "--learning_rate", "1e-30",
+         "--init_from", str(first / "model"), "--output_dir", str(tmp_path / "second")]
+    )  # fmt: skip
+    record = json.loads((tmp_path / "second" / "model" / "lisa_model.json").read_text())
+    assert record["steps"] == 4 + 2
+    assert record["initialized_from"] == str(first / "model")
+    # the recorded command replays: it parses back to the arguments of this run
+    replayed = build_parser().parse_args(
+        record["command"].split()[2:] + ["--output_dir", str(tmp_path / "second")]
+    )
+    assert replayed.init_from == str(first / "model")
+    assert replayed.feature_distance is False and replayed.torch_compile is False
+    assert replayed.learning_rate == 1e-30 and replayed.max_train_steps == 2
+    before = load_pixel_model(first / "model").main_network.state_dict()
+    after = load_pixel_model(tmp_path / "second" / "model").main_network.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--architecture", "dit"], "--architecture unet"),
+        (["--resolution", "16"], "--resolution 32"),
+        (["--objective", "v_prediction"], "--objective epsilon"),
+    ],
+)
+def test_init_from_refuses_a_network_the_flags_contradict(tmp_path, flags, message):
+    first = tmp_path / "first"
+    pretrain_main([*TOY, *UNET, *QUIET, "--max_train_steps", "1", "--output_dir", str(first)])
+    with pytest.raises(LisaError, match=message):
+        pretrain_main(
+            [*TOY, *QUIET, *flags, "--init_from", str(first / "model"),
+             "--output_dir", str(tmp_path / "second")]
+        )  # fmt: skip
+
+
+def test_compiled_pretraining_logs_the_eager_losses(tmp_path):
+    # dynamo's eager backend traces and guards like inductor without generating code
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    pretrain_main([*TOY, *UNET, *QUIET, "--output_dir", str(eager)])
+    pretrain_main(
+        [*TOY, *UNET, *QUIET, "--torch_compile", "--torch_compile_backend", "eager",
+         "--output_dir", str(compiled)]
+    )  # fmt: skip
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-5)

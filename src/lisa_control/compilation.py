@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 # Attribute names of the heavy blocks in diffusers' UNets, ControlNets, T2I-Adapters and
 # SD3/Flux transformers. Zero projections and embeddings are cheap and stay eager.
 _BLOCK_LISTS = (
@@ -25,6 +27,18 @@ _BLOCK_LISTS = (
     "single_transformer_blocks",
 )
 _SINGLE_BLOCKS = ("mid_block", "controlnet_cond_embedding")
+
+
+def check_backend(backend: str, flag: str = "--torch_compile_backend") -> None:
+    """Refuse a backend name torch.compile does not know, listing the ones it does."""
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ConfigError(
+            f"{flag} {backend!r} is not a torch.compile backend here; use one of "
+            f"{', '.join(sorted(backends))}."
+        )
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -302,14 +302,9 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.proportion_empty_prompts <= 1:
         raise ConfigError("--proportion_empty_prompts must be in [0, 1].")
     if cfg.torch_compile:
-        import torch._dynamo
+        from .compilation import check_backend
 
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if cfg.torch_compile_backend not in backends:
-            raise ConfigError(
-                f"--torch_compile_backend {cfg.torch_compile_backend!r} is not a torch.compile "
-                f"backend here; use one of {', '.join(sorted(backends))}."
-            )
+        check_backend(cfg.torch_compile_backend)
     if cfg.resolution is not None and cfg.resolution <= 0:
         raise ConfigError(f"--resolution must be positive, got {cfg.resolution}.")
     sources = [s for s in (cfg.task, cfg.dataset_name, cfg.train_data_dir) if s]

@@ -75,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save_dtype", choices=["fp32", "fp16"], default="fp32", help="fp16 halves the file"
     )
+    p.add_argument(
+        "--init_from",
+        default=None,
+        help="continue from a main network `lisa pretrain` wrote (a folder, or embedded:TASK for "
+        "a shipped one); its own architecture and objective replace the size flags",
+    )
+    p.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the network's blocks (GPU; the first steps take longer)",
+    )
+    p.add_argument("--torch_compile_backend", default="inductor")
     p.add_argument("--device", default=None)
     p.add_argument("--output_dir", required=True)
     return p
@@ -179,6 +191,39 @@ def build_main_network(args):
     return network, scheduler, objective
 
 
+def load_initial_network(args):
+    """(network in fp32, scheduler, objective name, steps it was trained) from ``--init_from``,
+    refusing one that does not match the flags that still apply."""
+    from .errors import ModelError
+    from .loading import PIXEL_MODEL_FILE, load_main_model
+
+    model = load_main_model(args.init_from)
+    meta_file = Path(model.source) / PIXEL_MODEL_FILE
+    if not meta_file.is_file():
+        raise ConfigError(
+            f"--init_from {args.init_from!r} is not a `lisa pretrain` main network (no "
+            f"{PIXEL_MODEL_FILE}); pass a folder that `lisa pretrain` wrote, or embedded:TASK."
+        )
+    architecture = {"unet": "unet", "sd3": "dit"}.get(model.family)
+    if architecture != args.architecture:
+        raise ModelError(
+            f"--init_from {args.init_from!r} holds a {model.family} network but --architecture "
+            f"is {args.architecture}; pass --architecture {architecture or 'unet'}."
+        )
+    if model.resolution != args.resolution:
+        raise ConfigError(
+            f"--init_from {args.init_from!r} was trained at resolution {model.resolution}; "
+            f"pass --resolution {model.resolution}."
+        )
+    if args.objective and args.objective != model.objective:
+        raise ConfigError(
+            f"--init_from {args.init_from!r} predicts {model.objective}; drop --objective or "
+            f"pass --objective {model.objective}."
+        )
+    steps = int(json.loads(meta_file.read_text()).get("steps") or 0)
+    return model.main_network.float(), model.scheduler, model.objective, steps
+
+
 def pretrain(args: argparse.Namespace) -> Path:
     from .data.tasks import get_task
 
@@ -195,8 +240,17 @@ def pretrain(args: argparse.Namespace) -> Path:
     images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
     print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
 
-    unet, scheduler, objective_name = build_main_network(args)
-    unet = unet.to(device)
+    if args.torch_compile:
+        from .compilation import check_backend
+
+        check_backend(args.torch_compile_backend)
+    if args.init_from:
+        unet, scheduler, objective_name, earlier_steps = load_initial_network(args)
+        print(f"continuing from {args.init_from} ({earlier_steps} steps)")
+    else:
+        unet, scheduler, objective_name = build_main_network(args)
+        earlier_steps = 0
+    unet = unet.to(device).train()
     ema = copy.deepcopy(unet).requires_grad_(False)
     objective = make_objective(
         objective_name, scheduler=None if objective_name == "flow" else scheduler
@@ -214,6 +268,12 @@ def pretrain(args: argparse.Namespace) -> Path:
     )
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"main network: {n_params / 1e6:.2f}M parameters on {device}")
+    if args.torch_compile:
+        # after LayerSync's hooks, which keep their blocks eager
+        from .compilation import compile_blocks
+
+        print("torch.compile:", compile_blocks(unet, args.torch_compile_backend))
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
 
     ctx = null_context(unet, args.train_batch_size, device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.mixed_precision == "bf16")
@@ -231,6 +291,9 @@ def pretrain(args: argparse.Namespace) -> Path:
         print("feature networks:", {n: round(d.accuracy, 3) for n, d in distances.items()})
     log = (out / "loss_log.jsonl").open("w")
     curve = (out / "curve.jsonl").open("w")
+    # Losses stay on the device until a flush: a .item() per step would stall the CPU on
+    # every step of a network this small, whose steps are bound by kernel launches.
+    pending: list[dict] = []
     t0 = time.perf_counter()
     last_step = args.max_train_steps
     for step in range(1, args.max_train_steps + 1):
@@ -245,11 +308,11 @@ def pretrain(args: argparse.Namespace) -> Path:
         with autocast:
             pred = predict(unet, noised.x_t, noised.timesteps, ctx)
             loss = objective.loss(pred, noised)
-            record = {"step": step, "diffusion_loss": loss.item()}
+            record = {"step": step, "diffusion_loss": loss.detach()}
             if regularizer is not None:
                 reg = regularizer.loss()
                 loss = loss + reg.loss
-                record["layersync_loss"] = reg.loss.item()
+                record["layersync_loss"] = reg.loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -257,14 +320,18 @@ def pretrain(args: argparse.Namespace) -> Path:
         warmup.step()
         with torch.no_grad():
             decay = min(args.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
-        record["loss"] = loss.item()
-        log.write(json.dumps(record) + "\n")
-        if step % args.sample_every == 0 or step == args.max_train_steps:
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        record["loss"] = loss.detach()
+        pending.append(record)
+        sample_now = step % args.sample_every == 0 or step == args.max_train_steps
+        if sample_now or step % 100 == 0:
+            record = _flush_losses(pending, log)
+        if sample_now:
             _write_samples(
                 args, tasks, images, ema, scheduler, record, step, t0, out, curve, distances
             )
+    if pending:
+        record = _flush_losses(pending, log)
     if last_step % args.sample_every:
         _write_samples(
             args, tasks, images, ema, scheduler, record, last_step, t0, out, curve, distances
@@ -283,13 +350,24 @@ def pretrain(args: argparse.Namespace) -> Path:
         names[0] if len(names) == 1 else None,
         tasks=names,
         objective=objective_name,
-        steps=last_step,
+        steps=earlier_steps + last_step,
         parameters=n_params,
+        initialized_from=args.init_from,
         command="lisa pretrain " + " ".join(_argv_of(args)),
     )
     plot_curve(out)
     print(f"saved main network to {model_dir}")
     return model_dir
+
+
+def _flush_losses(pending: list[dict], log) -> dict | None:
+    """Write the pending loss records as numbers; return the last one."""
+    last = None
+    for record in pending:
+        last = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+        log.write(json.dumps(last) + "\n")
+    pending.clear()
+    return last
 
 
 def _write_samples(args, tasks, images, ema, scheduler, record, step, t0, out, curve, distances):
@@ -357,11 +435,18 @@ def plot_curve(out: Path) -> None:
 
 
 def _argv_of(args: argparse.Namespace) -> list[str]:
+    """The flags that reproduce ``args`` (what the saved model records as its command)."""
+    negatable = {
+        a.dest for a in build_parser()._actions if isinstance(a, argparse.BooleanOptionalAction)
+    }
     parts = []
     for key, value in vars(args).items():
         if value is None or key == "output_dir":
             continue
-        if isinstance(value, list):
+        if isinstance(value, bool):
+            if value or key in negatable:
+                parts.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(value, list):
             parts += [f"--{key}", *map(str, value)]
         else:
             parts += [f"--{key}", str(value)]
