@@ -127,3 +127,16 @@ def test_compiled_pretraining_logs_the_eager_losses(tmp_path):
          "--output_dir", str(compiled)]
     )  # fmt: skip
     assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-5)
+
+
+def test_missing_init_from_is_one_line_before_any_work(tmp_path, capsys):
+    from lisa_control.cli import main
+
+    out = tmp_path / "run"
+    code = main(
+        ["pretrain", *TOY, "--init_from", str(tmp_path / "nowhere"), "--output_dir", str(out)]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("lisa pretrain: error:") and "does not exist" in err, err
+    assert len(err.splitlines()) == 1
+    assert not (out / "loss_log.jsonl").exists()

@@ -205,10 +205,15 @@ def load_initial_network(args):
             f"{PIXEL_MODEL_FILE}); pass a folder that `lisa pretrain` wrote, or embedded:TASK."
         )
     architecture = {"unet": "unet", "sd3": "dit"}.get(model.family)
+    if architecture is None:
+        raise ModelError(
+            f"--init_from {args.init_from!r} holds a {model.family} network; `lisa pretrain` "
+            "continues UNets (--architecture unet) and SD3-style DiTs (--architecture dit)."
+        )
     if architecture != args.architecture:
         raise ModelError(
             f"--init_from {args.init_from!r} holds a {model.family} network but --architecture "
-            f"is {args.architecture}; pass --architecture {architecture or 'unet'}."
+            f"is {args.architecture}; pass --architecture {architecture}."
         )
     if model.resolution != args.resolution:
         raise ConfigError(
@@ -236,16 +241,19 @@ def pretrain(args: argparse.Namespace) -> Path:
         raise ConfigError(f"--output_dir {args.output_dir!r} is a file; give a directory.")
     (out / "samples").mkdir(parents=True, exist_ok=True)
 
-    t0 = time.perf_counter()
-    images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
-    print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
-
     if args.torch_compile:
         from .compilation import check_backend
 
         check_backend(args.torch_compile_backend)
-    if args.init_from:
-        unet, scheduler, objective_name, earlier_steps = load_initial_network(args)
+    # before rendering, so a wrong folder fails in seconds, not after minutes of rendering
+    initial = load_initial_network(args) if args.init_from else None
+
+    t0 = time.perf_counter()
+    images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
+    print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
+
+    if initial is not None:
+        unet, scheduler, objective_name, earlier_steps = initial
         print(f"continuing from {args.init_from} ({earlier_steps} steps)")
     else:
         unet, scheduler, objective_name = build_main_network(args)
