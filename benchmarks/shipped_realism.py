@@ -28,8 +28,9 @@ SHIPPED = ["embedded:pose=pose", "embedded:pose_dit=pose", "embedded:edges=edges
 @torch.no_grad()
 def held_out_loss(model, task, count: int, device) -> dict[str, float]:
     """The main network's training loss on renders no run trained on, at fixed noise and
-    timesteps, over all t and split at the middle of the schedule. This is the prior's own
-    error, the part of LISA's target y - y_main that no condition can explain."""
+    timesteps, over all t and split at the middle of the schedule. It is also the mean square
+    of LISA's target y - y_main, of which a decoder can learn only the part the condition
+    predicts."""
     network = model.main_network.to(device).float()
     objective = model.training_objective()
     x0 = render(task, seed=11, count=count).to(device)
