@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from factories import make_image_folder, make_pixel_model, make_sd_model
@@ -226,6 +227,25 @@ def test_stable_diffusion_folder_trains_and_samples_with_stock_pipeline(tmp_path
     assert grid.size[1] >= 64 and grid.size[0] >= 128  # condition | sample
 
 
+def test_t2i_adapter_on_a_stable_diffusion_folder_samples_through_the_branch(tmp_path):
+    """No stock pipeline takes our T2I-Adapter with a ControlNet-style CLI, so `lisa sample`
+    runs it through `sampling.sample`, with text guidance and VAE decoding."""
+    model = make_sd_model(tmp_path / "sd")
+    data = make_image_folder(tmp_path / "data64", n=2, size=64)
+    out = tmp_path / "run"
+    args = train_args(model, data, out, steps=1, resolution=64, side_network="t2i_adapter")
+    assert main(["train", *args]) == 0
+    grid = tmp_path / "s.png"
+    argv = ["sample", "--controlnet", str(out / "controlnet"), "--side_network", "t2i_adapter",
+            "--pretrained_model_name_or_path", str(model), "--image", str(data / "cond0.png"),
+            "--prompt", "a red circle", "--num_inference_steps", "2", "--num_images", "2",
+            "--output", str(grid)]  # fmt: skip
+    assert main(argv) == 0
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 + 3 * (64 + 2), 2 + 64 + 2)  # condition | 2 samples
+
+
 def _make_flow_model(folder: Path, family: str) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -309,7 +329,8 @@ def test_resume_accepts_a_checkpoint_from_before_a_setting_existed(assets, tmp_p
 
 def train_latent_flow_model(model_dir: Path, tmp_path: Path) -> Path:
     """Two LISA steps of `lisa train` on a latent SD3/Flux folder with 64 px captioned images,
-    validating at step 2; checks the loss log and the grid, returns the output folder."""
+    validating at step 2, then `lisa sample` with the saved ControlNet; checks the loss log and
+    both grids, returns the output folder."""
     data = make_image_folder(tmp_path / "data", n=4, size=64)
     out = tmp_path / "run"
     argv = train_args(model_dir, data, out, steps=2, resolution=64, validation_steps=2)
@@ -317,7 +338,51 @@ def train_latent_flow_model(model_dir: Path, tmp_path: Path) -> Path:
     log = read_log(out / "loss_log.jsonl")
     assert [r["step"] for r in log] == [1, 2] and all("aux_loss" in r for r in log)
     assert (out / "validation" / "step-2.png").is_file()
+    grid = sample_grid(out / "controlnet", model_dir, data / "cond0.png", tmp_path / "s.png")
+    assert grid.shape == (2 + 64 + 2, 2 + 2 * (64 + 2), 3)  # condition | sample
     return out
+
+
+def sample_grid(controlnet: Path, model_dir: Path, image: Path, output: Path) -> np.ndarray:
+    """`lisa sample` with three steps and one prompt; the written grid as an array."""
+    from PIL import Image
+
+    argv = ["sample", "--controlnet", str(controlnet), "--pretrained_model_name_or_path",
+            str(model_dir), "--image", str(image), "--prompt", "a red circle",
+            "--num_inference_steps", "3", "--resolution", "64",
+            "--output", str(output)]  # fmt: skip
+    assert main(argv) == 0
+    return np.asarray(Image.open(output))
+
+
+def test_sd3_sample_with_a_zero_controlnet_is_the_stock_pipeline(tmp_path, capsys):
+    """A fresh SD3 ControlNet adds zero residuals, so `lisa sample` must then draw what
+    diffusers' own StableDiffusion3Pipeline draws for the same prompt, seed, steps and guidance:
+    same prompt encoding and negative prompt, noise, shifted Euler schedule and VAE decoding."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3Pipeline
+    from factories import make_sd3_model
+
+    model_dir = make_sd3_model(tmp_path / "sd3")
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        model_dir, text_encoder_3=None, tokenizer_3=None
+    )
+    zero = SD3ControlNetModel.from_transformer(
+        pipe.transformer, num_layers=1, num_extra_conditioning_channels=0
+    )
+    zero.save_pretrained(tmp_path / "zero")
+    data = make_image_folder(tmp_path / "data", n=1, size=64)
+    grid = sample_grid(tmp_path / "zero", model_dir, data / "cond0.png", tmp_path / "s.png")
+    stock = pipe(
+        "a red circle", height=64, width=64, num_inference_steps=3, guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(0), output_type="np",
+    ).images[0]  # fmt: skip
+    ours = grid[2 : 2 + 64, 4 + 64 : 4 + 128].astype(int)
+    assert np.abs(ours - (stock * 255).round().astype(int)).max() <= 1
+    # a size the VAE cannot halve down to the latent grid is refused before any sampling
+    argv = ["sample", "--controlnet", str(tmp_path / "zero"), "--pretrained_model_name_or_path",
+            str(model_dir), "--image", str(data / "cond0.png"), "--resolution", "60"]  # fmt: skip
+    assert main(argv) == 2
+    assert "multiple of 8" in capsys.readouterr().err
 
 
 def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_path):

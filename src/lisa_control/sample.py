@@ -1,6 +1,8 @@
 """``lisa sample``: generate with a trained side network. No decoder is involved: the saved side
-network is a plain ControlNet. Stable Diffusion models go through diffusers' stock
-``StableDiffusionControlNetPipeline``; pixel-space models through ``sampling.sample``."""
+network is a plain ControlNet. ControlNets on Stable Diffusion UNets go through diffusers' stock
+``StableDiffusionControlNetPipeline``; every other pair (pixel-space models, SD3 and Flux
+ControlNets, T2I-Adapters) through ``sampling.sample``, with the condition and prompts encoded as
+in training and validation."""
 
 from __future__ import annotations
 
@@ -25,8 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", nargs="+", default=[""])
     p.add_argument("--pretrained_model_name_or_path", default=None)
     p.add_argument("--task", default=None, help="embedded task whose shipped main network to use")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="image size (default: the model's own)"
+    )
     p.add_argument("--num_inference_steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance for models with text encoders (default 7.5); for Flux, "
+        "the distilled guidance its transformer embeds (default 3.5); unused without text",
+    )
     p.add_argument("--num_images", type=int, default=1, help="samples per condition")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow_pickle", action="store_true")
@@ -41,82 +52,120 @@ def generate(args) -> Path:
     from .branches import branch_class
     from .data.images import load_image, to_condition_tensor
     from .loading import load_main_model, load_side_network
-    from .validation import evaluation_scheduler, image_grid, to_uint8
+    from .validation import image_grid, to_uint8
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_main_model(
         args.pretrained_model_name_or_path, args.task, allow_pickle=args.allow_pickle
     )
     cls = branch_class(model.family, args.side_network)
-    if not model.is_pixel_space and cls.side_network_class is not ControlNetModel:
-        raise ConfigError(
-            "`lisa sample` runs latent models through the stock StableDiffusionControlNetPipeline, "
-            "so it takes a ControlNet for a Stable Diffusion UNet; use diffusers' own pipeline "
-            f"for a {args.side_network} on a {model.family} model."
-        )
     controlnet = load_side_network(args.controlnet, args.allow_pickle, cls.side_network_class)
     branch = cls(model.main_network, controlnet).to(device).eval()
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
     if len(prompts) != len(args.image):
         raise ConfigError("give one --prompt, or as many as --image.")
-    resolution = model.resolution
+    resolution = args.resolution or model.resolution
+    # Flux packs 2x2 latent patches into one token
+    multiple = model.vae_scale_factor * (2 if model.family == "flux" else 1)
+    if resolution <= 0 or resolution % multiple:
+        raise ConfigError(
+            f"--resolution {resolution} does not fit this model: give a positive multiple of "
+            f"{multiple}."
+        )
     conditions = torch.stack([to_condition_tensor(load_image(p), resolution) for p in args.image])
-    if conditions.shape[1] != branch.condition_channels:
+    # SD3 and Flux ControlNets take the VAE latent of an RGB image, checked when it is encoded
+    if not model.condition_in_latent_space and conditions.shape[1] != branch.condition_channels:
         raise ConfigError(
             f"the condition images have {conditions.shape[1]} channels but the side network "
             f"expects {branch.condition_channels}."
         )
     rows = [[c] for c in to_uint8(conditions, signed=False)]
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    if model.is_pixel_space:
-        from .encoders import FrozenEncoders
-        from .sampling import init_noise_sigma, sample
-
-        scheduler = evaluation_scheduler(model.scheduler)
-        null = FrozenEncoders(model, device).null_context(len(prompts))
-        for _ in range(args.num_images):
-            shape = (len(prompts), model.sample_channels, resolution, resolution)
-            latents = torch.randn(shape, generator=generator).to(device)
-            x = sample(
-                branch,
-                conditions.to(device),
-                null,
-                scheduler,
-                num_inference_steps=args.num_inference_steps,
-                latents=latents * init_noise_sigma(scheduler),
-            )
-            for row, img in zip(rows, to_uint8(x)):
-                row.append(img)
+    stock = model.family == "unet" and not model.is_pixel_space
+    if stock and cls.side_network_class is ControlNetModel:
+        samples = _stock_pipeline_samples(args, model, controlnet, prompts, conditions, generator)
     else:
-        from diffusers import StableDiffusionControlNetPipeline
-
-        pipe = StableDiffusionControlNetPipeline(
-            vae=model.vae,
-            text_encoder=model.text_encoder,
-            tokenizer=model.tokenizer,
-            unet=model.main_network,
-            controlnet=controlnet,
-            scheduler=evaluation_scheduler(model.scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        ).to(device)
-        for _ in range(args.num_images):
-            images = pipe(
-                prompts,
-                image=conditions.to(device),
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                generator=generator,
-                output_type="np",
-            ).images
-            for row, img in zip(rows, (images * 255).round().astype("uint8")):
-                row.append(img)
+        samples = _branch_samples(args, model, branch, prompts, conditions, generator, device)
+    for images in samples:
+        for row, img in zip(rows, images):
+            row.append(img)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows).save(out)
     print(f"wrote {out}")
     return out
+
+
+def _guidance(args, model) -> tuple[float, float | None]:
+    """(classifier-free guidance scale, Flux's embedded guidance) for ``--guidance_scale``."""
+    if model.family == "flux":
+        return 1.0, 3.5 if args.guidance_scale is None else args.guidance_scale
+    has_text = model.text_encoder is not None or model.prompt_encoder is not None
+    if not has_text:
+        return 1.0, None
+    return (7.5 if args.guidance_scale is None else args.guidance_scale), None
+
+
+def _branch_samples(args, model, branch, prompts, conditions, generator, device):
+    """uint8 images, one (N, H, W, 3) array per ``--num_images``, through ``sampling.sample``."""
+    from .encoders import FrozenEncoders
+    from .sampling import decode, init_noise_sigma, sample
+    from .validation import evaluation_scheduler, to_uint8
+
+    encoders = FrozenEncoders(model, device)
+    scheduler = evaluation_scheduler(model.scheduler)
+    cfg_scale, embedded_guidance = _guidance(args, model)
+    context = encoders.prompt_context(prompts)
+    if embedded_guidance is not None:
+        context.extra["guidance"] = embedded_guidance
+    negative = encoders.prompt_context([""] * len(prompts)) if cfg_scale > 1 else None
+    side_conditions = encoders.encode_condition(conditions)
+    size = conditions.shape[-1] // model.vae_scale_factor
+    for _ in range(args.num_images):
+        shape = (len(prompts), model.sample_channels, size, size)
+        latents = torch.randn(shape, generator=generator).to(device)
+        x = sample(
+            branch,
+            side_conditions,
+            context,
+            scheduler,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=cfg_scale,
+            negative_context=negative,
+            latents=latents * init_noise_sigma(scheduler),
+        )
+        yield to_uint8(decode(model.vae, x).float().cpu())
+
+
+def _stock_pipeline_samples(args, model, controlnet, prompts, conditions, generator):
+    """uint8 images per ``--num_images`` from diffusers' StableDiffusionControlNetPipeline."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from .validation import evaluation_scheduler
+
+    device = next(controlnet.parameters()).device
+    pipe = StableDiffusionControlNetPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.main_network,
+        controlnet=controlnet,
+        scheduler=evaluation_scheduler(model.scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device)
+    cfg_scale, _ = _guidance(args, model)
+    for _ in range(args.num_images):
+        images = pipe(
+            prompts,
+            image=conditions.to(device),
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=cfg_scale,
+            generator=generator,
+            output_type="np",
+        ).images
+        yield (images * 255).round().astype("uint8")
 
 
 def main(argv=None) -> None:
