@@ -439,6 +439,45 @@ def test_cached_latents_and_prompts_are_reused_per_item(tmp_path):
     assert main(["train", *argv, "--cache_latents"]) == 0
 
 
+def test_cached_pipeline_prompts_encode_each_caption_once(tmp_path):
+    """--cache_latents on SD3: each index's caption goes through the pipeline's encode_prompt
+    once; a cached context equals a fresh one, per sample, and training with it runs."""
+    from factories import make_sd3_model
+
+    from lisa_control.encoders import FrozenEncoders
+    from lisa_control.loading import load_main_model
+
+    model_dir = make_sd3_model(tmp_path / "sd3")
+    encoders = FrozenEncoders(load_main_model(str(model_dir)), "cpu", cache=True)
+    original, calls = encoders.model.prompt_encoder, []
+
+    def counting(captions, device):
+        calls.append(list(captions))
+        return original(captions, device)
+
+    encoders.model.prompt_encoder = counting
+
+    def batch(indices, captions):
+        return {
+            "pixel_values": torch.rand(len(indices), 3, 64, 64) * 2 - 1,
+            "conditioning_pixel_values": torch.rand(len(indices), 3, 64, 64),
+            "caption": captions,
+            "index": torch.tensor(indices),
+        }
+
+    first = encoders.encode(batch([3, 5], ["a b", "c"]))[1]
+    second = encoders.encode(batch([5, 7], ["c", "d"]))[1]
+    assert calls == [["a b", "c"], ["d"]]
+    fresh = original(["c", "d"], "cpu")
+    assert torch.allclose(second.encoder_hidden_states, fresh.encoder_hidden_states)
+    pooled = second.extra["pooled_projections"]
+    assert torch.allclose(pooled, fresh.extra["pooled_projections"])
+    assert torch.equal(pooled[0], first.extra["pooled_projections"][1])
+    data = make_image_folder(tmp_path / "data", n=2, size=64)
+    argv = train_args(model_dir, data, tmp_path / "run", steps=3, resolution=64)
+    assert main(["train", *argv, "--cache_latents"]) == 0
+
+
 def test_flux_folder_trains_with_text_and_latent_conditions(tmp_path):
     """A Flux diffusers folder (CLIP + T5, guidance-distilled transformer, dynamic-shift
     scheduler) trains a Flux ControlNet with LISA through `lisa train`."""
@@ -457,3 +496,7 @@ def test_flux_folder_trains_with_text_and_latent_conditions(tmp_path):
     assert ctx.extra["pooled_projections"].shape == (2, 16)
     out = train_latent_flow_model(model_dir, tmp_path)
     assert FluxControlNetModel.from_pretrained(out / "controlnet").config.in_channels == 16
+    # cached prompt contexts keep Flux's shared text position ids beside the per-sample parts
+    data = make_image_folder(tmp_path / "data2", n=2, size=64)
+    argv = train_args(model_dir, data, tmp_path / "cached", steps=3, resolution=64)
+    assert main(["train", *argv, "--cache_latents"]) == 0

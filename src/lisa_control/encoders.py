@@ -23,7 +23,8 @@ class FrozenEncoders:
         self.dtype = dtype
         self.cache = cache
         self._latents: dict[int, torch.Tensor] = {}
-        self._contexts: dict[int, torch.Tensor] = {}
+        self._contexts: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shared_extra: dict = {}
         prompt_modules = model.prompt_encoder.modules() if model.prompt_encoder else []
         for module in (model.vae, model.text_encoder, *prompt_modules):
             if module is not None:
@@ -103,12 +104,29 @@ class FrozenEncoders:
         else:
             x0 = self._images(batch["pixel_values"])
         condition = self.encode_condition(batch["conditioning_pixel_values"])
-        if cached and self.model.prompt_encoder is None and self.model.text_encoder is not None:
+        if cached and self.model.prompt_encoder is not None:
+            return x0, self._cached_pipeline_context(indices, captions), condition
+        if cached and self.model.text_encoder is not None:
             text = self._cached(
                 self._contexts, indices, lambda rows: self._prompts([captions[r] for r in rows])
             )
             return x0, Context(encoder_hidden_states=text), condition
         return x0, self.prompt_context(captions), condition
+
+    def _cached_pipeline_context(self, indices: list[int], captions: list[str]) -> Context:
+        """SD3 / Flux prompt contexts, encoded once per index. Token states and the pooled
+        vector belong to each sample; the rest of ``extra`` (Flux's text position ids) is the
+        same for every caption and kept from the last encoding."""
+        missing = [i for i, idx in enumerate(indices) if idx not in self._contexts]
+        if missing:
+            fresh = self.prompt_context([captions[i] for i in missing])
+            pooled = fresh.extra["pooled_projections"]
+            self._shared_extra = {k: v for k, v in fresh.extra.items() if k != "pooled_projections"}
+            for row, i in enumerate(missing):
+                self._contexts[indices[i]] = (fresh.encoder_hidden_states[row], pooled[row])
+        tokens, pooled = zip(*(self._contexts[idx] for idx in indices))
+        extra = {**self._shared_extra, "pooled_projections": torch.stack(pooled)}
+        return Context(encoder_hidden_states=torch.stack(tokens), extra=extra)
 
 
 class PipelinePrompts:
