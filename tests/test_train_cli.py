@@ -439,6 +439,29 @@ def test_cached_latents_and_prompts_are_reused_per_item(tmp_path):
     assert main(["train", *argv, "--cache_latents"]) == 0
 
 
+def test_flux_sample_with_a_zero_controlnet_is_the_stock_pipeline(tmp_path):
+    """The same for Flux: FluxPipeline's resolution-dependent shifted schedule, T5 + CLIP
+    prompts, distilled guidance 3.5 embedded (no classifier-free guidance), packed latents."""
+    from diffusers import FluxPipeline
+    from factories import make_flux_model
+
+    from lisa_control.branches.flux_controlnet import controlnet_from_transformer
+
+    model_dir = make_flux_model(tmp_path / "flux")
+    pipe = FluxPipeline.from_pretrained(model_dir)
+    controlnet_from_transformer(pipe.transformer).save_pretrained(tmp_path / "zero")
+    data = make_image_folder(tmp_path / "data", n=1, size=64)
+    grid = sample_grid(tmp_path / "zero", model_dir, data / "cond0.png", tmp_path / "s.png")
+    stock = pipe(
+        "a red circle", height=64, width=64, num_inference_steps=3, guidance_scale=3.5,
+        generator=torch.Generator("cpu").manual_seed(0), output_type="np",
+    ).images[0]  # fmt: skip
+    stock = (stock * 255).round().astype(int)
+    assert stock.std() > 5  # an image, not a flat field that any schedule would reproduce
+    ours = grid[2 : 2 + 64, 4 + 64 : 4 + 128].astype(int)
+    assert np.abs(ours - stock).max() <= 1
+
+
 def test_cached_pipeline_prompts_encode_each_caption_once(tmp_path):
     """--cache_latents on SD3: each index's caption goes through the pipeline's encode_prompt
     once; a cached context equals a fresh one, per sample, and training with it runs."""

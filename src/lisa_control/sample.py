@@ -7,6 +7,7 @@ in training and validation."""
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
@@ -113,14 +114,20 @@ def _branch_samples(args, model, branch, prompts, conditions, generator, device)
     from .validation import evaluation_scheduler, to_uint8
 
     encoders = FrozenEncoders(model, device)
-    scheduler = evaluation_scheduler(model.scheduler)
+    size = conditions.shape[-1] // model.vae_scale_factor
+    scheduler, schedule = evaluation_scheduler(model.scheduler), None
+    if model.family == "flux" and not model.is_pixel_space:
+        # FluxPipeline's own resolution-dependent schedule (validation keeps the static shift)
+        from .branches.flux_controlnet import pipeline_schedule
+
+        scheduler = copy.deepcopy(model.scheduler)
+        schedule = pipeline_schedule(scheduler, size, size, args.num_inference_steps)
     cfg_scale, embedded_guidance = _guidance(args, model)
     context = encoders.prompt_context(prompts)
     if embedded_guidance is not None:
         context.extra["guidance"] = embedded_guidance
     negative = encoders.prompt_context([""] * len(prompts)) if cfg_scale > 1 else None
     side_conditions = encoders.encode_condition(conditions)
-    size = conditions.shape[-1] // model.vae_scale_factor
     for _ in range(args.num_images):
         shape = (len(prompts), model.sample_channels, size, size)
         latents = torch.randn(shape, generator=generator).to(device)
@@ -133,6 +140,7 @@ def _branch_samples(args, model, branch, prompts, conditions, generator, device)
             guidance_scale=cfg_scale,
             negative_context=negative,
             latents=latents * init_noise_sigma(scheduler),
+            schedule=schedule,
         )
         yield to_uint8(decode(model.vae, x).float().cpu())
 

@@ -110,6 +110,7 @@ def sample(
     conditioning_scale: float = 1.0,
     latents: torch.Tensor | None = None,
     progress: bool = False,
+    schedule: dict | None = None,
 ) -> torch.Tensor:
     """Denoise from x_T to x_0 (latents for latent models, pixels in [-1, 1] for pixel models).
 
@@ -130,6 +131,8 @@ def sample(
             ``scheduler.init_noise_sigma`` (the pipeline's ``latents=`` argument is scaled
             inside it instead).
         progress: show a progress bar.
+        schedule: further ``scheduler.set_timesteps`` arguments (custom sigmas, Flux's
+            resolution-dependent ``mu``).
     """
     do_guidance = guidance_scale > 1.0
     if do_guidance and negative_context is None:
@@ -139,7 +142,7 @@ def sample(
     device = next(branch.side_network.parameters()).device
     batch = context.encoder_hidden_states.shape[0] if latents is None else latents.shape[0]
 
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    scheduler.set_timesteps(num_inference_steps, device=device, **(schedule or {}))
     if latents is None:
         # Drawn where the generator lives, in the context's dtype, then moved: the pipeline's
         # recipe, so a CPU generator gives the same x_T on every device.

@@ -78,6 +78,27 @@ def text_ids(sequence_length: int, device=None, dtype=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- side network
 
 
+def pipeline_schedule(scheduler, height: int, width: int, num_inference_steps: int) -> dict:
+    """``set_timesteps`` arguments that give FluxPipeline's schedule for a latent of
+    ``height`` x ``width``: sigmas evenly spaced from 1 to 1/n, shifted by
+
+        mu = base_shift + (max_shift - base_shift) (L - L_base) / (L_max - L_base),
+
+    linear in the number of image tokens L = (height/2)(width/2). Empty for a scheduler with a
+    static shift (Flux.1-schnell), which needs nothing beyond the step count."""
+    import numpy as np
+
+    config = scheduler.config
+    if not config.get("use_dynamic_shifting", False):
+        return {}
+    tokens = (height // 2) * (width // 2)
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    mu = base_shift + (max_shift - base_shift) * (tokens - base_len) / (max_len - base_len)
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    return {"sigmas": sigmas, "mu": mu}
+
+
 def controlnet_from_transformer(
     transformer: FluxTransformer2DModel,
     num_layers: int | None = None,
