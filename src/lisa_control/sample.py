@@ -7,7 +7,6 @@ in training and validation."""
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import torch
@@ -111,17 +110,11 @@ def _branch_samples(args, model, branch, prompts, conditions, generator, device)
     """uint8 images, one (N, H, W, 3) array per ``--num_images``, through ``sampling.sample``."""
     from .encoders import FrozenEncoders
     from .sampling import decode, init_noise_sigma, sample
-    from .validation import evaluation_scheduler, to_uint8
+    from .validation import inference_schedule, to_uint8
 
     encoders = FrozenEncoders(model, device)
     size = conditions.shape[-1] // model.vae_scale_factor
-    scheduler, schedule = evaluation_scheduler(model.scheduler), None
-    if model.family == "flux" and not model.is_pixel_space:
-        # FluxPipeline's own resolution-dependent schedule (validation keeps the static shift)
-        from .branches.flux_controlnet import pipeline_schedule
-
-        scheduler = copy.deepcopy(model.scheduler)
-        schedule = pipeline_schedule(scheduler, size, size, args.num_inference_steps)
+    scheduler, schedule = inference_schedule(model, size, size, args.num_inference_steps)
     cfg_scale, embedded_guidance = _guidance(args, model)
     context = encoders.prompt_context(prompts)
     if embedded_guidance is not None:

@@ -42,12 +42,28 @@ def evaluation_scheduler(train_scheduler):
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     if isinstance(train_scheduler, FlowMatchEulerDiscreteScheduler):
-        # Flux's scheduler shifts by image size at inference (it needs a `mu` per call); the
-        # validation samples use its static shift instead, so any sampler call works.
+        # Flux's scheduler shifts by image size (it needs a `mu` per call); without a size at
+        # hand its static shift is used, so any sampler call works (inference_schedule gives
+        # latent Flux models the size-dependent schedule).
         return FlowMatchEulerDiscreteScheduler.from_config(
             train_scheduler.config, use_dynamic_shifting=False
         )
     return DPMSolverMultistepScheduler.from_config(train_scheduler.config)
+
+
+def inference_schedule(model, height: int, width: int, num_inference_steps: int):
+    """(scheduler, extra ``set_timesteps`` arguments) to sample ``model`` at a latent of
+    ``height`` x ``width``: ``evaluation_scheduler``'s choice, except for latent Flux models,
+    which get FluxPipeline's own resolution-dependent schedule, so that validation and
+    ``lisa sample`` draw what the stock pipeline draws."""
+    if model.family == "flux" and not model.is_pixel_space:
+        import copy
+
+        from .branches.flux_controlnet import pipeline_schedule
+
+        scheduler = copy.deepcopy(model.scheduler)
+        return scheduler, pipeline_schedule(scheduler, height, width, num_inference_steps)
+    return evaluation_scheduler(model.scheduler), None
 
 
 class Validator:
@@ -67,11 +83,13 @@ class Validator:
         task_samples=None,
         feature_distance=None,
         encode_condition=None,
+        schedule: dict | None = None,
     ):
         self.conditions = conditions
         self.contexts = contexts
         self.negative = negative
         self.scheduler = scheduler
+        self.schedule = schedule
         self.vae = vae
         self.latent_shape = latent_shape
         self.samples_per_condition = samples_per_condition
@@ -90,9 +108,13 @@ class Validator:
     def from_config(cls, cfg, model, dataset, encoders, sample_size: int) -> "Validator":
         channels = model.sample_channels
         latent_shape = (channels, sample_size, sample_size)
+        scheduler, schedule = inference_schedule(
+            model, sample_size, sample_size, cfg.validation_inference_steps
+        )
         common = dict(
             encode_condition=encoders.encode_condition,
-            scheduler=evaluation_scheduler(model.scheduler),
+            scheduler=scheduler,
+            schedule=schedule,
             vae=model.vae,
             latent_shape=latent_shape,
             steps=cfg.validation_inference_steps,
@@ -158,6 +180,7 @@ class Validator:
                 guidance_scale=self.guidance_scale,
                 negative_context=None if self.negative is None else self.negative.to(device),
                 latents=latents * init_noise_sigma(self.scheduler),
+                schedule=self.schedule,
             )
             outputs.append(decode(self.vae, x0).float().cpu())
         return torch.stack(outputs, dim=1)  # (N, K, 3, H, W)
