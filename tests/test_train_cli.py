@@ -355,6 +355,21 @@ def sample_grid(controlnet: Path, model_dir: Path, image: Path, output: Path) ->
     return np.asarray(Image.open(output))
 
 
+def first_sample(grid: np.ndarray) -> np.ndarray:
+    """The sample beside the condition in sample_grid's 64 px grid, as ints."""
+    return grid[2 : 2 + 64, 4 + 64 : 4 + 128].astype(int)
+
+
+def stock_image(pipe, guidance_scale: float) -> np.ndarray:
+    """What a stock diffusers pipeline draws for sample_grid's prompt, seed and steps."""
+    image = pipe(
+        "a red circle", height=64, width=64, num_inference_steps=3,
+        guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+    ).images[0]  # fmt: skip
+    return (image * 255).round().astype(int)
+
+
 def test_sd3_sample_with_a_zero_controlnet_is_the_stock_pipeline(tmp_path, capsys):
     """A fresh SD3 ControlNet adds zero residuals, so `lisa sample` must then draw what
     diffusers' own StableDiffusion3Pipeline draws for the same prompt, seed, steps and guidance:
@@ -372,12 +387,7 @@ def test_sd3_sample_with_a_zero_controlnet_is_the_stock_pipeline(tmp_path, capsy
     zero.save_pretrained(tmp_path / "zero")
     data = make_image_folder(tmp_path / "data", n=1, size=64)
     grid = sample_grid(tmp_path / "zero", model_dir, data / "cond0.png", tmp_path / "s.png")
-    stock = pipe(
-        "a red circle", height=64, width=64, num_inference_steps=3, guidance_scale=7.5,
-        generator=torch.Generator("cpu").manual_seed(0), output_type="np",
-    ).images[0]  # fmt: skip
-    ours = grid[2 : 2 + 64, 4 + 64 : 4 + 128].astype(int)
-    assert np.abs(ours - (stock * 255).round().astype(int)).max() <= 1
+    assert np.abs(first_sample(grid) - stock_image(pipe, guidance_scale=7.5)).max() <= 1
     # a size the VAE cannot halve down to the latent grid is refused before any sampling
     argv = ["sample", "--controlnet", str(tmp_path / "zero"), "--pretrained_model_name_or_path",
             str(model_dir), "--image", str(data / "cond0.png"), "--resolution", "60"]  # fmt: skip
@@ -452,14 +462,9 @@ def test_flux_sample_with_a_zero_controlnet_is_the_stock_pipeline(tmp_path):
     controlnet_from_transformer(pipe.transformer).save_pretrained(tmp_path / "zero")
     data = make_image_folder(tmp_path / "data", n=1, size=64)
     grid = sample_grid(tmp_path / "zero", model_dir, data / "cond0.png", tmp_path / "s.png")
-    stock = pipe(
-        "a red circle", height=64, width=64, num_inference_steps=3, guidance_scale=3.5,
-        generator=torch.Generator("cpu").manual_seed(0), output_type="np",
-    ).images[0]  # fmt: skip
-    stock = (stock * 255).round().astype(int)
+    stock = stock_image(pipe, guidance_scale=3.5)
     assert stock.std() > 5  # an image, not a flat field that any schedule would reproduce
-    ours = grid[2 : 2 + 64, 4 + 64 : 4 + 128].astype(int)
-    assert np.abs(ours - stock).max() <= 1
+    assert np.abs(first_sample(grid) - stock).max() <= 1
 
 
 def test_cached_pipeline_prompts_encode_each_caption_once(tmp_path):
