@@ -766,3 +766,21 @@ def test_lisa_for_branch_also_builds_the_unet_controlnet_recipe():
     hook = FeatureHook(resolve_layer(branch.side_network, lisa.layer))
     branch(x, t, text_context(), torch.rand(BATCH, 3, LATENT, LATENT))
     assert lisa.decoder(hook.pop(), t).shape == x.shape
+
+
+@pytest.mark.parametrize("size", [8, 64, 128])
+def test_flux_pipeline_schedule_is_flux_pipelines(size):
+    """The shift for a latent of size x size is diffusers' own calculate_shift of its token
+    count, and the sigmas are FluxPipeline's; a static-shift scheduler gets the sigmas alone."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from lisa_control.branches.flux_controlnet import pipeline_schedule
+
+    dynamic = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    schedule = pipeline_schedule(dynamic, size, size, 4)
+    assert schedule["mu"] == pytest.approx(calculate_shift((size // 2) ** 2))
+    assert np.allclose(schedule["sigmas"], [1.0, 0.75, 0.5, 0.25])
+    static = pipeline_schedule(FlowMatchEulerDiscreteScheduler(shift=1.0), size, size, 4)
+    assert set(static) == {"sigmas"}

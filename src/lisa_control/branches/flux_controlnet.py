@@ -84,19 +84,21 @@ def pipeline_schedule(scheduler, height: int, width: int, num_inference_steps: i
 
         mu = base_shift + (max_shift - base_shift) (L - L_base) / (L_max - L_base),
 
-    linear in the number of image tokens L = (height/2)(width/2). Empty for a scheduler with a
-    static shift (Flux.1-schnell), which needs nothing beyond the step count."""
+    linear in the number of image tokens L = (height/2)(width/2). A scheduler with a static
+    shift (Flux.1-schnell's) takes the sigmas alone."""
     import numpy as np
 
+    schedule = {"sigmas": np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)}
     config = scheduler.config
-    if not config.get("use_dynamic_shifting", False):
-        return {}
-    tokens = (height // 2) * (width // 2)
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    mu = base_shift + (max_shift - base_shift) * (tokens - base_len) / (max_len - base_len)
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    return {"sigmas": sigmas, "mu": mu}
+    if config.get("use_dynamic_shifting", False):
+        tokens = (height // 2) * (width // 2)
+        base_len = config.get("base_image_seq_len", 256)
+        max_len = config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        schedule["mu"] = base_shift + (max_shift - base_shift) * (tokens - base_len) / (
+            max_len - base_len
+        )
+    return schedule
 
 
 def controlnet_from_transformer(
