@@ -388,11 +388,11 @@ def test_sd3_sample_with_a_zero_controlnet_is_the_stock_pipeline(tmp_path, capsy
     data = make_image_folder(tmp_path / "data", n=1, size=64)
     grid = sample_grid(tmp_path / "zero", model_dir, data / "cond0.png", tmp_path / "s.png")
     assert np.abs(first_sample(grid) - stock_image(pipe, guidance_scale=7.5)).max() <= 1
-    # a size the VAE cannot halve down to the latent grid is refused before any sampling
+    # a size the VAE and the network cannot halve down evenly is refused before any sampling
     argv = ["sample", "--controlnet", str(tmp_path / "zero"), "--pretrained_model_name_or_path",
             str(model_dir), "--image", str(data / "cond0.png"), "--resolution", "60"]  # fmt: skip
     assert main(argv) == 2
-    assert "multiple of 8" in capsys.readouterr().err
+    assert "multiple of 64" in capsys.readouterr().err
 
 
 def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_path):

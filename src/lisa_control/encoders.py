@@ -84,13 +84,15 @@ class FrozenEncoders:
             return condition
         return self._images(condition * 2 - 1)
 
-    def _cached(self, store, indices, compute):
+    def _cached(self, store, indices, compute) -> list:
+        """The stored entries of ``indices``, computing the missing ones together:
+        ``compute(rows)`` gets their positions in the batch and returns one entry per row."""
         missing = [i for i, idx in enumerate(indices) if idx not in store]
         if missing:
             fresh = compute(missing)
             for row, i in enumerate(missing):
                 store[indices[i]] = fresh[row]
-        return torch.stack([store[idx] for idx in indices])
+        return [store[idx] for idx in indices]
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, Context, torch.Tensor]:
         """(x0, context, condition) for one collated batch."""
@@ -98,8 +100,10 @@ class FrozenEncoders:
         cached = self.cache and "index" in batch
         indices = [int(i) for i in batch["index"]] if cached else []
         if cached:
-            x0 = self._cached(
-                self._latents, indices, lambda rows: self._images(batch["pixel_values"][rows])
+            x0 = torch.stack(
+                self._cached(
+                    self._latents, indices, lambda rows: self._images(batch["pixel_values"][rows])
+                )
             )
         else:
             x0 = self._images(batch["pixel_values"])
@@ -110,21 +114,20 @@ class FrozenEncoders:
             text = self._cached(
                 self._contexts, indices, lambda rows: self._prompts([captions[r] for r in rows])
             )
-            return x0, Context(encoder_hidden_states=text), condition
+            return x0, Context(encoder_hidden_states=torch.stack(text)), condition
         return x0, self.prompt_context(captions), condition
 
     def _cached_pipeline_context(self, indices: list[int], captions: list[str]) -> Context:
         """SD3 / Flux prompt contexts, encoded once per index. Token states and the pooled
         vector belong to each sample; the rest of ``extra`` (Flux's text position ids) is the
         same for every caption and kept from the last encoding."""
-        missing = [i for i, idx in enumerate(indices) if idx not in self._contexts]
-        if missing:
-            fresh = self.prompt_context([captions[i] for i in missing])
-            pooled = fresh.extra["pooled_projections"]
+
+        def encode(rows):
+            fresh = self.prompt_context([captions[r] for r in rows])
             self._shared_extra = {k: v for k, v in fresh.extra.items() if k != "pooled_projections"}
-            for row, i in enumerate(missing):
-                self._contexts[indices[i]] = (fresh.encoder_hidden_states[row], pooled[row])
-        tokens, pooled = zip(*(self._contexts[idx] for idx in indices))
+            return list(zip(fresh.encoder_hidden_states, fresh.extra["pooled_projections"]))
+
+        tokens, pooled = zip(*self._cached(self._contexts, indices, encode))
         extra = {**self._shared_extra, "pooled_projections": torch.stack(pooled)}
         return Context(encoder_hidden_states=torch.stack(tokens), extra=extra)
 

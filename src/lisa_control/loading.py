@@ -82,6 +82,12 @@ class MainModel:
         return channels // 4 if self.family == "flux" else channels
 
     @property
+    def resolution_multiple(self) -> int:
+        """Image sizes must be multiples of this: the main network halves its input three
+        times, after the VAE's own down-sampling."""
+        return 8 * self.vae_scale_factor
+
+    @property
     def vae_scale_factor(self) -> int:
         if self.vae is None:
             return 1

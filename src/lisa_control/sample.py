@@ -65,12 +65,10 @@ def generate(args) -> Path:
     if len(prompts) != len(args.image):
         raise ConfigError("give one --prompt, or as many as --image.")
     resolution = args.resolution or model.resolution
-    # Flux packs 2x2 latent patches into one token
-    multiple = model.vae_scale_factor * (2 if model.family == "flux" else 1)
-    if resolution <= 0 or resolution % multiple:
+    if resolution <= 0 or resolution % model.resolution_multiple:
         raise ConfigError(
             f"--resolution {resolution} does not fit this model: give a positive multiple of "
-            f"{multiple}."
+            f"{model.resolution_multiple}."
         )
     conditions = torch.stack([to_condition_tensor(load_image(p), resolution) for p in args.image])
     # SD3 and Flux ControlNets take the VAE latent of an RGB image, checked when it is encoded

@@ -170,10 +170,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.pretrained_model_name_or_path, cfg.task, cfg.revision, cfg.variant, cfg.allow_pickle
     )
     dataset, resolution = build_dataset(cfg, model)
-    if resolution % (8 * model.vae_scale_factor if model.vae else 8):
+    if resolution % model.resolution_multiple:
         raise ConfigError(
-            f"--resolution {resolution} is not divisible by "
-            f"{8 * model.vae_scale_factor if model.vae else 8}, the model's down-sampling factor."
+            f"--resolution {resolution} is not divisible by {model.resolution_multiple}, the "
+            "model's down-sampling factor."
         )
     sample_size = resolution // model.vae_scale_factor
     condition_channels = getattr(dataset, "condition_channels", 3)
