@@ -63,6 +63,9 @@ VARIANTS = {
         "lisa_weight": 1.0,
         "lisa_timestep_range": "500 1000",
     },
+    # the decoder trained faster than a side network at lr 1e-5 (BENCHMARKS.md 1d)
+    "lisa_dec_lr1e-4": {"regularizer": "lisa", "lisa_decoder_learning_rate": 1e-4},
+    "lisa_dec_lr1e-3": {"regularizer": "lisa", "lisa_decoder_learning_rate": 1e-3},
 }
 # Every zero projection of the tiny UNets' ControlNets (down_0 .. down_8; mid is above).
 VARIANTS.update(

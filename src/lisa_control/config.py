@@ -82,6 +82,7 @@ class TrainConfig:
     lisa_target: str = "residual"
     lisa_final_weight: float | None = None
     lisa_weight_decay_steps: int = 0
+    lisa_decoder_learning_rate: float | None = None
     layersync_pairs: str | None = None
     layersync_weight: float = 0.2
     # validation and logging
@@ -121,6 +122,7 @@ class TrainConfig:
             "lisa_target",
             "lisa_final_weight",
             "lisa_weight_decay_steps",
+            "lisa_decoder_learning_rate",
             "layersync_pairs",
             "layersync_weight",
             "prediction_type",
@@ -173,6 +175,8 @@ _HELP = {
     "of the implied clean sample) or score (the likelihood score itself)",
     "lisa_final_weight": "decay lambda linearly from --lisa_weight to this value over "
     "--lisa_weight_decay_steps steps (default: constant lambda)",
+    "lisa_decoder_learning_rate": "train the LISA decoder at this learning rate instead of "
+    "--learning_rate (default: the same, as in the paper)",
     "on_nonfinite": "on a NaN/Inf loss or gradient: stop (default) or skip the step",
     "config": "YAML or TOML file with the same keys as the flags",
     "cache_latents": "encode images and captions once and keep them in memory",
@@ -297,8 +301,15 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{key} must be >= 1, got {getattr(cfg, key)}.")
     if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
         raise ConfigError(f"--max_train_steps must be >= 1, got {cfg.max_train_steps}.")
-    if cfg.learning_rate <= 0 or not math.isfinite(cfg.learning_rate):
-        raise ConfigError(f"--learning_rate must be a positive number, got {cfg.learning_rate}.")
+    for key in ("learning_rate", "lisa_decoder_learning_rate"):
+        value = getattr(cfg, key)
+        if value is not None and (value <= 0 or not math.isfinite(value)):
+            raise ConfigError(f"--{key} must be a positive number, got {value}.")
+    if cfg.lisa_decoder_learning_rate is not None and "lisa" not in cfg.regularizer.split("+"):
+        raise ConfigError(
+            f"--lisa_decoder_learning_rate is for the LISA decoder, but --regularizer is "
+            f"{cfg.regularizer!r}; use --regularizer lisa (or lisa+layersync), or drop the flag."
+        )
     if not 0 <= cfg.proportion_empty_prompts <= 1:
         raise ConfigError("--proportion_empty_prompts must be in [0, 1].")
     if cfg.torch_compile:

@@ -102,21 +102,19 @@ def build_regularizers(cfg: TrainConfig, branch, sample_size: int) -> list:
         if name == "lisa":
             from .token_decoders import lisa_for_branch
 
-            regularizers.append(
-                lisa_for_branch(
-                    branch,
-                    layer=cfg.lisa_layer,
-                    weight=cfg.lisa_weight,
-                    sample_size=sample_size,
-                    distance=cfg.lisa_distance,
-                    target=cfg.lisa_target,
-                    final_weight=cfg.lisa_final_weight,
-                    weight_decay_steps=cfg.lisa_weight_decay_steps,
-                    timestep_range=tuple(cfg.lisa_timestep_range)
-                    if cfg.lisa_timestep_range
-                    else None,
-                )
+            lisa = lisa_for_branch(
+                branch,
+                layer=cfg.lisa_layer,
+                weight=cfg.lisa_weight,
+                sample_size=sample_size,
+                distance=cfg.lisa_distance,
+                target=cfg.lisa_target,
+                final_weight=cfg.lisa_final_weight,
+                weight_decay_steps=cfg.lisa_weight_decay_steps,
+                timestep_range=tuple(cfg.lisa_timestep_range) if cfg.lisa_timestep_range else None,
             )
+            lisa.learning_rate = cfg.lisa_decoder_learning_rate
+            regularizers.append(lisa)
         elif name == "layersync":
             from .regularizers.layersync import LayerSync, default_pairs
 
@@ -207,9 +205,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         branch.main_network.to(dtype=weight_dtype)
     encoders = FrozenEncoders(model, accelerator.device, weight_dtype, cache=cfg.cache_latents)
 
-    lr = cfg.learning_rate
+    lr_scale = 1.0
     if cfg.scale_lr:
-        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
+        lr_scale = (
+            cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
+        )
+    lr = cfg.learning_rate * lr_scale
     optimizer_cls = torch.optim.AdamW
     if cfg.use_8bit_adam:
         # As in diffusers' script: bitsandbytes is the user's choice, not our dependency.
@@ -222,7 +223,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             ) from None
         optimizer_cls = bnb.optim.AdamW8bit
     optimizer = optimizer_cls(
-        step_module.trainable_parameters(),
+        step_module.parameter_groups(lr_scale),
         lr=lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay,

@@ -2,8 +2,9 @@
 that reads one training step's tensors and returns a loss to add to the objective's.
 
 The trainer knows nothing else about a regularizer: it asks ``needs_prior`` before the forward
-pass, sums ``loss(state)`` into the objective, hands ``parameters()`` to the optimizer and checks
-that it did with ``check_optimizer``.
+pass, sums ``loss(state)`` into the objective, hands ``parameters()`` to the optimizer (in a
+group of their own at ``learning_rate`` when that is set) and checks that it did with
+``check_optimizer``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class RegularizerOutput:
 class Regularizer(nn.Module):
     name: str = "regularizer"
     needs_prior: bool = False
+    # A head trained from zero (LISA's decoder) may need to move faster than a side network
+    # fine-tuned at lr 1e-5; None trains it at the side network's learning rate, as the papers do.
+    learning_rate: float | None = None
 
     def loss(self, state: StepState) -> RegularizerOutput:
         raise NotImplementedError
