@@ -102,19 +102,22 @@ def build_regularizers(cfg: TrainConfig, branch, sample_size: int) -> list:
         if name == "lisa":
             from .token_decoders import lisa_for_branch
 
-            lisa = lisa_for_branch(
-                branch,
-                layer=cfg.lisa_layer,
-                weight=cfg.lisa_weight,
-                sample_size=sample_size,
-                distance=cfg.lisa_distance,
-                target=cfg.lisa_target,
-                final_weight=cfg.lisa_final_weight,
-                weight_decay_steps=cfg.lisa_weight_decay_steps,
-                timestep_range=tuple(cfg.lisa_timestep_range) if cfg.lisa_timestep_range else None,
+            regularizers.append(
+                lisa_for_branch(
+                    branch,
+                    layer=cfg.lisa_layer,
+                    weight=cfg.lisa_weight,
+                    sample_size=sample_size,
+                    distance=cfg.lisa_distance,
+                    target=cfg.lisa_target,
+                    final_weight=cfg.lisa_final_weight,
+                    weight_decay_steps=cfg.lisa_weight_decay_steps,
+                    timestep_range=tuple(cfg.lisa_timestep_range)
+                    if cfg.lisa_timestep_range
+                    else None,
+                    learning_rate=cfg.lisa_decoder_learning_rate,
+                )
             )
-            lisa.learning_rate = cfg.lisa_decoder_learning_rate
-            regularizers.append(lisa)
         elif name == "layersync":
             from .regularizers.layersync import LayerSync, default_pairs
 

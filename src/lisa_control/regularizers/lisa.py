@@ -64,6 +64,9 @@ class LikelihoodScoreAlignment(Regularizer):
             sized from a UNet ControlNet's config.
         optimizer_check_after: raise if the decoder holds gradients but was not updated for this
             many consecutive steps (the optimizer was not given its parameters).
+        learning_rate: train the decoder at this rate, in an optimizer group of its own
+            (``ControlTrainingStep.parameter_groups``); by default at the side network's, as
+            in the paper.
     """
 
     name = "lisa"
@@ -85,6 +88,7 @@ class LikelihoodScoreAlignment(Regularizer):
         feature_size: int | None = None,
         decoder: nn.Module | None = None,
         optimizer_check_after: int = 64,
+        learning_rate: float | None = None,
     ):
         super().__init__()
         _check_weight("weight", weight)
@@ -110,6 +114,7 @@ class LikelihoodScoreAlignment(Regularizer):
         self.target = target
         self.distance = distance
         self.timestep_range = timestep_range
+        self.learning_rate = learning_rate
         self.decoder = (
             decoder
             if decoder is not None
