@@ -48,8 +48,8 @@ def build_parser():
 def make_main_model(args, folder: Path) -> Path:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from lisa_control.loading import save_pixel_model
-    from lisa_control.model_configs import tiny_unet
+    from lisa_control.families.loading import save_pixel_model
+    from lisa_control.zoo.unet import tiny_unet
 
     unet = UNet2DConditionModel(
         **tiny_unet(

@@ -4,7 +4,7 @@ data, and compare sample quality against steps.
 Every run is an ordinary ``lisa pretrain`` command; the runs of one architecture go side by side on
 one GPU with identical flags except ``--regularizer``. Quality is read from each run's
 ``curve.jsonl``: the task-feature Fréchet distance (lower is better; see
-``lisa_control.feature_distance``, not Inception FID) and the task's own realism statistic
+``lisa_control.eval.feature_distance``, not Inception FID) and the task's own realism statistic
 (higher is better). The summary reports, per architecture and metric,
 
 * both curves, and their PNG,

@@ -66,9 +66,9 @@ from lisa_control import (
     UNetControlNetBranch,
     make_objective,
 )
-from lisa_control.compilation import compile_blocks
-from lisa_control.decoders import ScoreDecoder
-from lisa_control.model_configs import SD21_BASE_UNET, tiny_unet
+from lisa_control.training.compilation import compile_blocks
+from lisa_control.regularizers.decoders import ScoreDecoder
+from lisa_control.zoo.unet import SD21_BASE_UNET, tiny_unet
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LISA_LAYER_INDEX = 5  # down_5, the LISA authors' layer

@@ -14,8 +14,8 @@ from PIL import Image
 def make_pixel_model(folder: Path, resolution: int = 16, task: str | None = None) -> Path:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from lisa_control.loading import save_pixel_model
-    from lisa_control.model_configs import tiny_unet
+    from lisa_control.families.loading import save_pixel_model
+    from lisa_control.zoo.unet import tiny_unet
 
     torch.manual_seed(1)
     unet = UNet2DConditionModel(
@@ -94,7 +94,7 @@ def make_sd_model(folder: Path) -> Path:
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from lisa_control.model_configs import tiny_unet
+    from lisa_control.zoo.unet import tiny_unet
 
     torch.manual_seed(2)
     text_encoder, tokenizer = tiny_clip(folder, CLIPTextModel)
@@ -133,7 +133,7 @@ def make_sd3_model(folder: Path) -> Path:
     )
     from transformers import CLIPTextModelWithProjection
 
-    from lisa_control.flow_models import tiny_flow_dit_config
+    from lisa_control.zoo.flow import tiny_flow_dit_config
 
     torch.manual_seed(4)
     text_encoder, tokenizer = tiny_clip(folder, CLIPTextModelWithProjection, projection_dim=16,
@@ -168,7 +168,7 @@ def make_flux_model(folder: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from lisa_control.flow_models import tiny_flux_transformer
+    from lisa_control.zoo.flow import tiny_flux_transformer
 
     torch.manual_seed(5)
     clip, clip_tokenizer = tiny_clip(folder, CLIPTextModel)

@@ -16,7 +16,7 @@ import shipped_realism  # noqa: E402
 from factories import make_pixel_model  # noqa: E402
 
 from lisa_control.data.tasks import get_task  # noqa: E402
-from lisa_control.loading import load_main_model  # noqa: E402
+from lisa_control.families.loading import load_main_model  # noqa: E402
 
 
 def run(seed, values, every=100):
@@ -64,7 +64,7 @@ def test_step_time_is_the_median_of_the_loss_log_ignoring_validation_steps():
 
 @pytest.mark.parametrize("variant", sorted(convergence.VARIANTS))
 def test_every_ablation_variant_is_a_valid_train_command(variant, tmp_path):
-    from lisa_control.config import parse_args
+    from lisa_control.training.config import parse_args
 
     args = convergence.build_parser().parse_args(["--run_dir", str(tmp_path)])
     cfg = parse_args(convergence.run_flags(args, "pose", variant, seed=0))

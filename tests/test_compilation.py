@@ -21,8 +21,8 @@ from lisa_control import (
     make_objective,
 )
 from lisa_control.cli import main
-from lisa_control.compilation import compile_blocks, heavy_blocks
-from lisa_control.model_configs import tiny_unet
+from lisa_control.training.compilation import compile_blocks, heavy_blocks
+from lisa_control.zoo.unet import tiny_unet
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -27,7 +27,7 @@ from lisa_control.data.images import (
     to_condition_tensor,
     to_rgb,
 )
-from lisa_control.errors import ConfigError, DataError, LisaError
+from lisa_control.core.errors import ConfigError, DataError, LisaError
 
 RESOLUTION = 16
 IMAGE_SIZE = (24, 16)  # (width, height): not square, so resizing and cropping both matter

@@ -10,8 +10,8 @@ import torch
 
 from lisa_control.cli import main
 from lisa_control.data.tasks import get_task
-from lisa_control.loading import load_main_model, shipped_model_dir
-from lisa_control.pretrain import sample_unconditional
+from lisa_control.families.loading import load_main_model, shipped_model_dir
+from lisa_control.cli.pretrain import sample_unconditional
 
 
 @pytest.mark.parametrize(

@@ -30,17 +30,17 @@ from diffusers import (
 )
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from lisa_control.branches.base import Context
-from lisa_control.branches.flux_controlnet import (
+from lisa_control.core.branch import Context
+from lisa_control.families.flux import (
     FluxControlNetBranch,
     latent_image_ids,
     pack_latents,
     unpack_latents,
 )
-from lisa_control.branches.sd3_controlnet import PreconditionedFlowObjective, SD3ControlNetBranch
-from lisa_control.branches.t2i_adapter import T2IAdapterBranch, adapter_feature_shape
-from lisa_control.errors import ConfigError, ModelError
-from lisa_control.flow_models import (
+from lisa_control.families.sd3 import PreconditionedFlowObjective, SD3ControlNetBranch
+from lisa_control.families.t2i_adapter import T2IAdapterBranch, adapter_feature_shape
+from lisa_control.core.errors import ConfigError, ModelError
+from lisa_control.zoo.flow import (
     count_parameters,
     null_text_context,
     tiny_flow_dit_config,
@@ -49,16 +49,16 @@ from lisa_control.flow_models import (
     tiny_sd3_controlnet,
     tiny_sd3_transformer,
 )
-from lisa_control.hooks import FeatureHook, resolve_layer
-from lisa_control.model_configs import tiny_unet
-from lisa_control.objectives import (
+from lisa_control.core.hooks import FeatureHook, resolve_layer
+from lisa_control.zoo.unet import tiny_unet
+from lisa_control.core.objectives import (
     DiffusionObjective,
     RectifiedFlowObjective,
     sinusoidal_embedding,
 )
 from lisa_control.regularizers.base import StepState
-from lisa_control.step import ControlTrainingStep
-from lisa_control.token_decoders import TokenScoreDecoder, lisa_for_branch, unpatchify
+from lisa_control.core.step import ControlTrainingStep
+from lisa_control.regularizers.token_decoders import TokenScoreDecoder, lisa_for_branch, unpatchify
 
 # diffusers' own FluxControlNetModel still imports the deprecated FluxPosEmbed.
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed.*:FutureWarning")
@@ -755,7 +755,7 @@ def test_users_get_clear_errors():
 
 
 def test_lisa_for_branch_also_builds_the_unet_controlnet_recipe():
-    from lisa_control.branches.unet_controlnet import UNetControlNetBranch
+    from lisa_control.families.unet import UNetControlNetBranch
 
     unet = make_t2i_branch().main_network
     branch = UNetControlNetBranch.from_main(unet, condition_downscale=1)
@@ -776,7 +776,7 @@ def test_flux_pipeline_schedule_is_flux_pipelines(size):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    from lisa_control.branches.flux_controlnet import pipeline_schedule
+    from lisa_control.families.flux import pipeline_schedule
 
     dynamic = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     schedule = pipeline_schedule(dynamic, size, size, 4)

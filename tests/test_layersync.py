@@ -23,7 +23,7 @@ from lisa_control import (
     UNetControlNetBranch,
     make_objective,
 )
-from lisa_control.model_configs import tiny_unet
+from lisa_control.zoo.unet import tiny_unet
 from lisa_control.regularizers.layersync import LayerSync, default_pairs, parse_pairs
 
 SAMPLE_SIZE = 16

@@ -35,9 +35,9 @@ from lisa_control import (
     UNetControlNetBranch,
     make_objective,
 )
-from lisa_control.model_configs import SD21_BASE_UNET, tiny_unet
+from lisa_control.zoo.unet import SD21_BASE_UNET, tiny_unet
 from lisa_control.regularizers.base import StepState
-from lisa_control.sampling import decode, latent_shape, sample
+from lisa_control.eval.sampling import decode, latent_shape, sample
 
 # diffusers' schedulers build sigmas with a numpy call that numpy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -9,8 +9,8 @@ import torch
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
 from lisa_control import ConfigError, LikelihoodScoreAlignment, make_objective
-from lisa_control.branches.base import Prediction
-from lisa_control.model_configs import tiny_unet
+from lisa_control.core.branch import Prediction
+from lisa_control.zoo.unet import tiny_unet
 from lisa_control.regularizers.base import StepState
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

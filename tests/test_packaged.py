@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from lisa_control.data import packaged
 from lisa_control.data.tasks import TaskDataset, get_task
-from lisa_control.errors import ConfigError, DataError
+from lisa_control.core.errors import ConfigError, DataError
 
 FASHION_TASKS = ("fashion_mnist_edges", "fashion_mnist_super_resolution")
 EMOJI_TASKS = ("emoji_edges", "emoji_segmentation", "emoji_super_resolution")

@@ -57,7 +57,7 @@ def _with(args, **flags):
 def _foreign_controlnet(root: Path) -> Path:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from lisa_control.model_configs import tiny_unet
+    from lisa_control.zoo.unet import tiny_unet
 
     other = UNet2DConditionModel(**tiny_unet(sample_size=16, block_out_channels=(8, 16),
                                              cross_attention_dim=16, layers_per_block=1,
@@ -83,7 +83,7 @@ def _pickle_model(root: Path, model: Path) -> Path:
 def _one_channel_controlnet(root: Path, model: Path) -> Path:
     from diffusers import ControlNetModel
 
-    from lisa_control.loading import load_main_model
+    from lisa_control.families.loading import load_main_model
 
     unet = load_main_model(str(model)).main_network
     path = root / "gray_controlnet"
@@ -209,7 +209,7 @@ def test_nonfinite_loss_stops_naming_step_and_term(assets, tmp_path, capsys, mon
     assert main(["train", *base_args(model, data, out)]) == 2
     err = capsys.readouterr().err
     assert "step 3" in err and "diffusion_loss" in err and "--on_nonfinite skip" in err
-    from lisa_control.checkpoint import list_checkpoints
+    from lisa_control.training.checkpoint import list_checkpoints
 
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "controlnet").exists()
@@ -229,7 +229,7 @@ def test_nonfinite_loss_can_be_skipped(assets, tmp_path, monkeypatch):
 
 
 def test_sigkill_at_random_moments_never_loses_a_checkpoint(assets, tmp_path):
-    from lisa_control.checkpoint import STATE_FILE, list_checkpoints
+    from lisa_control.training.checkpoint import STATE_FILE, list_checkpoints
 
     _, model, data, _ = assets
     steps = 12

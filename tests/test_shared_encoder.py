@@ -23,8 +23,8 @@ from lisa_control import (
     UNetControlNetBranch,
     make_objective,
 )
-from lisa_control.branches import unet_split
-from lisa_control.model_configs import tiny_unet
+from lisa_control.families import unet_split
+from lisa_control.zoo.unet import tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16

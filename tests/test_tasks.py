@@ -20,7 +20,7 @@ from lisa_control.data.tasks import (
     register_task,
     segmentation,
 )
-from lisa_control.errors import ConfigError
+from lisa_control.core.errors import ConfigError
 
 PROCEDURAL = ("pose", "edges", "segmentation", "super_resolution")
 METRICS = {

@@ -169,8 +169,8 @@ def test_cli_step_equals_library_api_step(assets, tmp_path):
     )
     from lisa_control.data.folder import ControlDataset
     from lisa_control.data.sampler import ResumableBatchOrder
-    from lisa_control.encoders import FrozenEncoders
-    from lisa_control.loading import load_main_model
+    from lisa_control.families.encoders import FrozenEncoders
+    from lisa_control.families.loading import load_main_model
 
     model_dir, data = assets
     out = tmp_path / "one"
@@ -249,8 +249,8 @@ def test_t2i_adapter_on_a_stable_diffusion_folder_samples_through_the_branch(tmp
 def _make_flow_model(folder: Path, family: str) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from lisa_control.flow_models import tiny_flux_transformer, tiny_sd3_transformer
-    from lisa_control.loading import save_pixel_model
+    from lisa_control.zoo.flow import tiny_flux_transformer, tiny_sd3_transformer
+    from lisa_control.families.loading import save_pixel_model
 
     torch.manual_seed(3)
     if family == "flux":
@@ -425,9 +425,9 @@ def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_pa
     from diffusers import SD3ControlNetModel
     from factories import make_sd3_model
 
-    from lisa_control.branches.sd3_controlnet import PreconditionedFlowObjective
-    from lisa_control.encoders import FrozenEncoders
-    from lisa_control.loading import load_main_model
+    from lisa_control.families.sd3 import PreconditionedFlowObjective
+    from lisa_control.families.encoders import FrozenEncoders
+    from lisa_control.families.loading import load_main_model
 
     model_dir = make_sd3_model(tmp_path / "sd3")
     model = load_main_model(str(model_dir))
@@ -449,8 +449,8 @@ def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_pa
 def test_cached_latents_and_prompts_are_reused_per_item(tmp_path):
     """--cache_latents: the second visit of an item reuses its VAE latent and text embedding
     (a fresh encode would draw a new latent sample), and training with it runs."""
-    from lisa_control.encoders import FrozenEncoders
-    from lisa_control.loading import load_main_model
+    from lisa_control.families.encoders import FrozenEncoders
+    from lisa_control.families.loading import load_main_model
 
     model_dir = make_sd_model(tmp_path / "sd")
     model = load_main_model(str(model_dir))
@@ -477,7 +477,7 @@ def test_flux_sample_with_a_zero_controlnet_is_the_stock_pipeline(tmp_path):
     from diffusers import FluxPipeline
     from factories import make_flux_model
 
-    from lisa_control.branches.flux_controlnet import controlnet_from_transformer
+    from lisa_control.families.flux import controlnet_from_transformer
 
     model_dir = make_flux_model(tmp_path / "flux")
     pipe = FluxPipeline.from_pretrained(model_dir)
@@ -494,8 +494,8 @@ def test_cached_pipeline_prompts_encode_each_caption_once(tmp_path):
     once; a cached context equals a fresh one, per sample, and training with it runs."""
     from factories import make_sd3_model
 
-    from lisa_control.encoders import FrozenEncoders
-    from lisa_control.loading import load_main_model
+    from lisa_control.families.encoders import FrozenEncoders
+    from lisa_control.families.loading import load_main_model
 
     model_dir = make_sd3_model(tmp_path / "sd3")
     encoders = FrozenEncoders(load_main_model(str(model_dir)), "cpu", cache=True)
@@ -534,8 +534,8 @@ def test_flux_folder_trains_with_text_and_latent_conditions(tmp_path):
     from diffusers import FluxControlNetModel
     from factories import make_flux_model
 
-    from lisa_control.encoders import FrozenEncoders
-    from lisa_control.loading import load_main_model
+    from lisa_control.families.encoders import FrozenEncoders
+    from lisa_control.families.loading import load_main_model
 
     model_dir = make_flux_model(tmp_path / "flux")
     model = load_main_model(str(model_dir))

@@ -1,8 +1,8 @@
 """lisa-control: train visual-condition side networks for frozen diffusion and flow models."""
 
-from .branches import Context, DualBranch, Prediction, UNetControlNetBranch
-from .errors import CheckpointError, ConfigError, DataError, LisaError, ModelError
-from .objectives import DiffusionObjective, RectifiedFlowObjective, make_objective
+from .families import Context, DualBranch, Prediction, UNetControlNetBranch
+from .core.errors import CheckpointError, ConfigError, DataError, LisaError, ModelError
+from .core.objectives import DiffusionObjective, RectifiedFlowObjective, make_objective
 from .regularizers import (
     LayerSync,
     LikelihoodScoreAlignment,
@@ -10,8 +10,8 @@ from .regularizers import (
     ScoreDecoder,
     StepState,
 )
-from .step import ControlTrainingStep, StepOutput
-from .token_decoders import TokenScoreDecoder, lisa_for_branch
+from .core.step import ControlTrainingStep, StepOutput
+from .regularizers.token_decoders import TokenScoreDecoder, lisa_for_branch
 
 __version__ = "0.1.0"
 

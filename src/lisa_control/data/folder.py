@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from .images import (
     check_resolution,
     file_problem,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 
 Role = Literal["image", "condition"]
 

@@ -9,7 +9,7 @@ shapes without downloading a dataset:
 
 Each task takes its condition and its metric from the procedural task of the same kind (edges,
 segmentation, super-resolution). The files are looked for when a task is created, and a missing
-package is a :class:`~lisa_control.errors.DataError` that says how to install it.
+package is a :class:`~lisa_control.core.errors.DataError` that says how to install it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from .tasks import register_task
 from .tasks.base import ProceduralTask, TaskSample
 from .tasks.edges import EdgeFidelity, edge_condition

@@ -1,6 +1,6 @@
 """Regularizers that plug into any dual-branch training step."""
 
-from ..decoders import ScoreDecoder
+from .decoders import ScoreDecoder
 from .base import Regularizer, RegularizerOutput, StepState
 from .layersync import LayerSync, default_pairs
 from .lisa import LikelihoodScoreAlignment

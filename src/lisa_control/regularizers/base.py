@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..branches.base import Prediction
-from ..errors import ConfigError
-from ..objectives import NoisedBatch, Objective
+from ..core.branch import Prediction
+from ..core.errors import ConfigError
+from ..core.objectives import NoisedBatch, Objective
 
 
 @dataclass

@@ -28,7 +28,7 @@ Which tensor is aligned:
   that tensor alone. Diffusers' dual-stream transformer blocks (SD3 ``JointTransformerBlock``,
   Flux ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock``) return ``(text, image)``; for
   them the image stream (the last element) is read by default, never the text tokens.
-* an alias (``down_5``, ``mid``, ``block_3``, ``single_2``; see :mod:`lisa_control.hooks`)
+* an alias (``down_5``, ``mid``, ``block_3``, ``single_2``; see :mod:`lisa_control.core.hooks`)
   reads the *input* of that zero projection of a ControlNet-style side network.
 
 Shapes: both features must have the same channel count; there is no projection head, that is
@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..hooks import FeatureHook, LayerRef, resolve_layer
+from ..core.errors import ConfigError
+from ..core.hooks import FeatureHook, LayerRef, resolve_layer
 from .base import Regularizer, RegularizerOutput, StepState
 
 PAPER_WEIGHT = 0.2
@@ -138,7 +138,7 @@ class LayerSync(Regularizer):
             :func:`default_pairs` of ``network``.
         weight: one weight for every pair (0.2 in the paper), or one per pair.
 
-    Use inside :class:`~lisa_control.step.ControlTrainingStep` like any regularizer, or in a
+    Use inside :class:`~lisa_control.core.step.ControlTrainingStep` like any regularizer, or in a
     loop of your own::
 
         layersync = LayerSync(unet, pairs=default_pairs(unet), weight=0.2)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decoders import ScoreDecoder, controlnet_feature_shape
-from ..errors import ConfigError
-from ..hooks import FeatureHook, default_layer, resolve_layer
+from .decoders import ScoreDecoder, controlnet_feature_shape
+from ..core.errors import ConfigError
+from ..core.hooks import FeatureHook, default_layer, resolve_layer
 from .base import Regularizer, RegularizerOutput, StepState
 
 # Spaces the LISA residual can be matched in; all but "residual" name an Objective method.

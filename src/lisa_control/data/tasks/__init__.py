@@ -7,7 +7,7 @@ that OS packages install. Every task scores generated images with a deterministi
 
 from __future__ import annotations
 
-from ...errors import ConfigError
+from ...core.errors import ConfigError
 from .base import ProceduralTask, TaskDataset, TaskSample
 
 _TASKS: dict[str, type[ProceduralTask]] = {}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ...errors import ConfigError
+from ...core.errors import ConfigError
 
 # Seed of the renders that the default realism statistic compares against; any fixed value works.
 REFERENCE_SEED = 20_240_601

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..hooks import zero_projection_names
+from .hooks import zero_projection_names
 
 
 @dataclass

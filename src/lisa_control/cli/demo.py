@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import make_config
+from ..training.config import make_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(args) -> dict:
-    from .train import train
+    from ..training.loop import train
 
     out = Path(args.output_dir)
     runs = {}
@@ -81,7 +81,7 @@ def run_demo(args) -> dict:
 
 
 def _metric_name(task: str) -> str:
-    from .data.tasks import get_task
+    from ..data.tasks import get_task
 
     return get_task(task).metric_name
 

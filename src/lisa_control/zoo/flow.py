@@ -18,12 +18,12 @@ from diffusers import (
 )
 from torch import nn
 
-from .branches.base import Context
-from .branches.flux_controlnet import (
+from ..core.branch import Context
+from ..families.flux import (
     controlnet_from_transformer as flux_controlnet_from_transformer,
 )
-from .branches.sd3_controlnet import controlnet_from_transformer as sd3_controlnet_from_transformer
-from .errors import ConfigError
+from ..families.sd3 import controlnet_from_transformer as sd3_controlnet_from_transformer
+from ..core.errors import ConfigError
 
 NULL_TEXT_TOKENS = 1
 

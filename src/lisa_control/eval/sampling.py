@@ -1,7 +1,7 @@
 """Sampling from a dual-branch model with any diffusers scheduler.
 
 The loop is the one diffusers' ``StableDiffusionControlNetPipeline`` runs (``guess_mode=False``),
-written against :class:`~lisa_control.branches.DualBranch` so that pixel-space models, models
+written against :class:`~lisa_control.families.DualBranch` so that pixel-space models, models
 without a text encoder and the validation callback all share it. Given the same components, seed
 and prompt embeddings it returns the same latents as the pipeline with ``output_type="latent"``:
 
@@ -20,8 +20,8 @@ import inspect
 
 import torch
 
-from .branches.base import Context, DualBranch
-from .errors import ConfigError
+from ..core.branch import Context, DualBranch
+from ..core.errors import ConfigError
 
 
 def latent_shape(branch: DualBranch, condition: torch.Tensor, batch: int) -> tuple[int, ...]:

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .branches.base import Context, DualBranch
+from .branch import Context, DualBranch
 from .objectives import Objective
-from .regularizers.base import Regularizer, StepState
+from ..regularizers.base import Regularizer, StepState
 
 
 @dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelError
-from .objectives import sinusoidal_embedding
-from .regularizers.lisa import LikelihoodScoreAlignment
+from ..core.errors import ConfigError, ModelError
+from ..core.objectives import sinusoidal_embedding
+from .lisa import LikelihoodScoreAlignment
 
 
 def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -154,17 +154,17 @@ def lisa_for_branch(
       a :class:`TokenScoreDecoder` with the side network's width, the patch size (SD3's
       ``patch_size``; 2 for Flux's packing) and the main network's output channels.
     * T2I-Adapter: ``layer`` is ``adapter.body.k`` (default ``adapter.body.1``); a ScoreDecoder
-      sized by :func:`~lisa_control.branches.t2i_adapter.adapter_feature_shape`.
+      sized by :func:`~lisa_control.families.t2i_adapter.adapter_feature_shape`.
     * UNet ControlNet: the standard LISA defaults (``down_5``), sized from the UNet's config.
     """
-    from .branches.flux_controlnet import FluxControlNetBranch
-    from .branches.sd3_controlnet import SD3ControlNetBranch
-    from .branches.t2i_adapter import (
+    from ..families.flux import FluxControlNetBranch
+    from ..families.sd3 import SD3ControlNetBranch
+    from ..families.t2i_adapter import (
         T2IAdapterBranch,
         adapter_feature_shape,
         default_adapter_layer,
     )
-    from .branches.unet_controlnet import UNetControlNetBranch
+    from ..families.unet import UNetControlNetBranch
 
     side, main = branch.side_network, branch.main_network
     if isinstance(branch, (SD3ControlNetBranch, FluxControlNetBranch)):

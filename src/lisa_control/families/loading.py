@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, ModelError
+from ..core.errors import CheckpointError, ModelError
 
 PIXEL_MODEL_FILE = "lisa_model.json"
-SHIPPED_WEIGHTS = Path(__file__).parent / "weights"
+SHIPPED_WEIGHTS = Path(__file__).parent.parent / "weights"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -49,11 +49,11 @@ class MainModel:
     def training_objective(self, prediction_type: str | None = None, timestep_sampler=None):
         """The objective the model was trained with: DDPM eps/v over its scheduler, or rectified
         flow; latent SD3 and Flux models get diffusers' recipes with their scheduler's shift."""
-        from .objectives import make_objective
+        from ..core.objectives import make_objective
 
         name = prediction_type or self.objective
         if name == "flow" and not self.is_pixel_space and self.family in ("sd3", "flux"):
-            from .branches.sd3_controlnet import PreconditionedFlowObjective
+            from .sd3 import PreconditionedFlowObjective
 
             if self.family == "sd3":
                 return PreconditionedFlowObjective.from_scheduler(self.scheduler)

@@ -26,8 +26,8 @@ import re
 import torch
 from diffusers import T2IAdapter, UNet2DConditionModel
 
-from ..errors import ConfigError, ModelError
-from .base import Context, DualBranch, Prediction
+from ..core.errors import ConfigError, ModelError
+from ..core.branch import Context, DualBranch, Prediction
 
 # ----------------------------------------------------------------------------- shapes
 

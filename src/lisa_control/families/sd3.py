@@ -63,9 +63,9 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 
-from ..errors import ConfigError, ModelError
-from ..objectives import NoisedBatch, RectifiedFlowObjective
-from .base import Context, DualBranch, Prediction
+from ..core.errors import ConfigError, ModelError
+from ..core.objectives import NoisedBatch, RectifiedFlowObjective
+from ..core.branch import Context, DualBranch, Prediction
 
 # ----------------------------------------------------------------------------- objective
 

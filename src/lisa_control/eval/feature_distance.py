@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 # Seeds of the renders the feature network learns from and of the reference set; the reference
 # stream is disjoint from training (seed 0.., index) and validation (10_007 + seed) streams.

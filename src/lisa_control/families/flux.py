@@ -17,7 +17,7 @@ objective's 1000 s; the Flux models take s itself (they multiply by 1000 inside)
 ``FluxControlNetPipeline`` passes ``t / 1000``.
 
 Objective: rectified flow with a velocity target, exactly as for SD3; see the module docstring of
-:mod:`lisa_control.branches.sd3_controlnet` for u_cond - u_prior = -(s / (1 - s)) grad log p(c|x_s).
+:mod:`lisa_control.families.sd3` for u_cond - u_prior = -(s / (1 - s)) grad log p(c|x_s).
 
 Condition: like SD3, the InstantX Flux ControlNet takes the VAE-encoded control image, packed. The
 condition here is latent-shaped (B, C, H, W) with C = the latent's channels; for pixel-space tiny
@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 from diffusers import FluxControlNetModel, FluxTransformer2DModel
 
-from ..errors import ModelError
-from .base import Context, DualBranch, Prediction
+from ..core.errors import ModelError
+from ..core.branch import Context, DualBranch, Prediction
 
 # ----------------------------------------------------------------------------- packing
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from ..errors import ConfigError, ModelError
+from ..core.errors import ConfigError, ModelError
 from . import unet_split
-from .base import Context, DualBranch, Prediction
+from ..core.branch import Context, DualBranch, Prediction
 
 # Config keys that must agree between a UNet and a ControlNet meant to drive it.
 _MATCHING_KEYS = (

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import ConfigError
-from .loading import save_pixel_model
-from .model_configs import tiny_unet
-from .objectives import make_objective
+from ..core.errors import ConfigError
+from ..families.loading import save_pixel_model
+from ..zoo.unet import tiny_unet
+from ..core.objectives import make_objective
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def render_dataset(tasks, size: int, seed: int, num_workers: int) -> torch.Tensor:
     """Render ``size`` images once (uint8, N x 3 x H x W), cycling through ``tasks``."""
-    from .data.tasks import TaskDataset
+    from ..data.tasks import TaskDataset
 
     per_task = [TaskDataset(t, size=size, seed=seed) for t in tasks]
     mixed = torch.utils.data.Subset(
@@ -108,8 +108,8 @@ def render_dataset(tasks, size: int, seed: int, num_workers: int) -> torch.Tenso
 
 def null_context(network, batch: int, device):
     """The constant context the main network is trained and sampled with."""
-    from .encoders import FrozenEncoders
-    from .loading import MainModel
+    from ..families.encoders import FrozenEncoders
+    from ..families.loading import MainModel
 
     family = "unet" if hasattr(network.config, "cross_attention_dim") else "sd3"
     model = MainModel(main_network=network, scheduler=None, family=family)
@@ -133,8 +133,8 @@ def predict(network, x, t, context):
 @torch.no_grad()
 def sample_unconditional(network, scheduler, n, resolution, steps, seed, device) -> torch.Tensor:
     """Samples of the main network alone, in [-1, 1] (DPM-Solver++, or Euler for flow)."""
-    from .sampling import init_noise_sigma, scale_model_input
-    from .validation import evaluation_scheduler
+    from ..eval.sampling import init_noise_sigma, scale_model_input
+    from ..eval.validation import evaluation_scheduler
 
     sampler = evaluation_scheduler(scheduler)
     sampler.set_timesteps(steps, device=device)
@@ -158,7 +158,7 @@ def build_main_network(args):
     )
 
     if args.architecture == "dit":
-        from .flow_models import tiny_flow_dit_config
+        from ..zoo.flow import tiny_flow_dit_config
 
         objective = args.objective or "flow"
         if objective != "flow":
@@ -194,8 +194,8 @@ def build_main_network(args):
 def load_initial_network(args):
     """(network in fp32, scheduler, objective name, steps it was trained) from ``--init_from``,
     refusing one that does not match the flags that still apply."""
-    from .errors import ModelError
-    from .loading import PIXEL_MODEL_FILE, load_main_model
+    from ..core.errors import ModelError
+    from ..families.loading import PIXEL_MODEL_FILE, load_main_model
 
     model = load_main_model(args.init_from)
     meta_file = Path(model.source) / PIXEL_MODEL_FILE
@@ -230,7 +230,7 @@ def load_initial_network(args):
 
 
 def pretrain(args: argparse.Namespace) -> Path:
-    from .data.tasks import get_task
+    from ..data.tasks import get_task
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -242,7 +242,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     (out / "samples").mkdir(parents=True, exist_ok=True)
 
     if args.torch_compile:
-        from .compilation import check_backend
+        from ..training.compilation import check_backend
 
         check_backend(args.torch_compile_backend)
     # before rendering, so a wrong folder fails in seconds, not after minutes of rendering
@@ -265,7 +265,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     )
     regularizer = None
     if args.regularizer == "layersync":
-        from .regularizers.layersync import LayerSync, default_pairs
+        from ..regularizers.layersync import LayerSync, default_pairs
 
         regularizer = LayerSync(
             unet, pairs=args.layersync_pairs or default_pairs(unet), weight=args.layersync_weight
@@ -278,7 +278,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     print(f"main network: {n_params / 1e6:.2f}M parameters on {device}")
     if args.torch_compile:
         # after LayerSync's hooks, which keep their blocks eager
-        from .compilation import compile_blocks
+        from ..training.compilation import compile_blocks
 
         print("torch.compile:", compile_blocks(unet, args.torch_compile_backend))
     ema_params, params = list(ema.parameters()), list(unet.parameters())
@@ -288,7 +288,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     distances = {}
     if args.feature_distance or (args.feature_distance is None and device.type == "cuda"):
-        from .feature_distance import TaskFeatureDistance
+        from ..eval.feature_distance import TaskFeatureDistance
 
         distances = {
             t.name: TaskFeatureDistance(
@@ -380,7 +380,7 @@ def _flush_losses(pending: list[dict], log) -> dict | None:
 
 def _write_samples(args, tasks, images, ema, scheduler, record, step, t0, out, curve, distances):
     """Sample the EMA network, score realism per task, write a grid and a curve point."""
-    from .validation import image_grid, to_uint8
+    from ..eval.validation import image_grid, to_uint8
 
     device = next(ema.parameters()).device
     samples = sample_unconditional(

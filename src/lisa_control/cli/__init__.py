@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import LisaError
+from ..core.errors import LisaError
 
 USAGE = """usage: lisa {train,sample,pretrain,demo} [flags]
 
@@ -23,8 +23,8 @@ Run `lisa COMMAND --help` for a command's flags. Multi-GPU: accelerate launch -m
 
 
 def _train(argv):
-    from .config import parse_args
-    from .train import train
+    from ..training.config import parse_args
+    from ..training.loop import train
 
     train(parse_args(argv))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 def generate(args) -> Path:
     from diffusers import ControlNetModel
 
-    from .branches import branch_class
-    from .data.images import load_image, to_condition_tensor
-    from .loading import load_main_model, load_side_network
-    from .validation import image_grid, to_uint8
+    from ..families import branch_class
+    from ..data.images import load_image, to_condition_tensor
+    from ..families.loading import load_main_model, load_side_network
+    from ..eval.validation import image_grid, to_uint8
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_main_model(
@@ -106,9 +106,9 @@ def _guidance(args, model) -> tuple[float, float | None]:
 
 def _branch_samples(args, model, branch, prompts, conditions, generator, device):
     """uint8 images, one (N, H, W, 3) array per ``--num_images``, through ``sampling.sample``."""
-    from .encoders import FrozenEncoders
-    from .sampling import decode, init_noise_sigma, sample
-    from .validation import inference_schedule, to_uint8
+    from ..families.encoders import FrozenEncoders
+    from ..eval.sampling import decode, init_noise_sigma, sample
+    from ..eval.validation import inference_schedule, to_uint8
 
     encoders = FrozenEncoders(model, device)
     size = conditions.shape[-1] // model.vae_scale_factor
@@ -140,7 +140,7 @@ def _stock_pipeline_samples(args, model, controlnet, prompts, conditions, genera
     """uint8 images per ``--num_images`` from diffusers' StableDiffusionControlNetPipeline."""
     from diffusers import StableDiffusionControlNetPipeline
 
-    from .validation import evaluation_scheduler
+    from ..eval.validation import evaluation_scheduler
 
     device = next(controlnet.parameters()).device
     pipe = StableDiffusionControlNetPipeline(

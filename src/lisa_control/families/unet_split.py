@@ -21,7 +21,7 @@ Nothing here forks diffusers' UNet: the functions call its own embedding helpers
 (``get_time_embed``, ``get_class_embed``, ``get_aug_embed``, ``process_encoder_hidden_states``)
 and blocks in the order of ``UNet2DConditionModel.forward`` (diffusers 0.42). Attention masks,
 ``cross_attention_kwargs`` (GLIGEN, LoRA scale) and T2I-Adapter intra-block residuals are not
-supported; passing one raises :class:`~lisa_control.errors.ConfigError` and callers should use
+supported; passing one raises :class:`~lisa_control.core.errors.ConfigError` and callers should use
 the full ``unet(...)`` call instead.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..errors import ConfigError, ModelError
+from ..core.errors import ConfigError, ModelError
 
 
 @dataclass

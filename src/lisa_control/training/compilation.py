@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 # Attribute names of the heavy blocks in diffusers' UNets, ControlNets, T2I-Adapters and
 # SD3/Flux transformers. Zero projections and embeddings are cheap and stay eager.

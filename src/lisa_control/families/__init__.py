@@ -1,11 +1,11 @@
 """Dual-branch adapters, one model family per module."""
 
-from ..errors import ConfigError
-from .base import Context, DualBranch, Prediction
-from .flux_controlnet import FluxControlNetBranch
-from .sd3_controlnet import PreconditionedFlowObjective, SD3ControlNetBranch
+from ..core.errors import ConfigError
+from ..core.branch import Context, DualBranch, Prediction
+from .flux import FluxControlNetBranch
+from .sd3 import PreconditionedFlowObjective, SD3ControlNetBranch
 from .t2i_adapter import T2IAdapterBranch
-from .unet_controlnet import UNetControlNetBranch
+from .unet import UNetControlNetBranch
 
 # (main-network family, side-network kind) -> branch; `lisa train --side_network` picks the kind.
 BRANCHES: dict[tuple[str, str], type[DualBranch]] = {

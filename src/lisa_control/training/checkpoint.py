@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from ..core.errors import CheckpointError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import LayerRef
-from .objectives import sinusoidal_embedding
+from ..core.hooks import LayerRef
+from ..core.objectives import sinusoidal_embedding
 
 
 class ScoreDecoder(nn.Module):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .branches.base import Context
+from ..core.branch import Context
 
 
 def to_uint8(images: torch.Tensor, signed: bool = True) -> np.ndarray:
@@ -59,7 +59,7 @@ def inference_schedule(model, height: int, width: int, num_inference_steps: int)
     if model.family == "flux" and not model.is_pixel_space:
         import copy
 
-        from .branches.flux_controlnet import pipeline_schedule
+        from ..families.flux import pipeline_schedule
 
         scheduler = copy.deepcopy(model.scheduler)
         return scheduler, pipeline_schedule(scheduler, height, width, num_inference_steps)
@@ -122,7 +122,7 @@ class Validator:
             seed=cfg.seed or 0,
         )
         if cfg.validation_image:
-            from .data.images import load_image, to_condition_tensor
+            from ..data.images import load_image, to_condition_tensor
 
             resolution = sample_size * model.vae_scale_factor
             images, prompts = cfg.validation_image, cfg.validation_prompt or [""]

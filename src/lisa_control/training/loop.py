@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoint as ckpt
-from .branches import branch_class
+from ..families import branch_class
 from .config import TrainConfig
-from .encoders import FrozenEncoders
-from .errors import CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError
-from .loading import MainModel, load_main_model, load_side_network
-from .step import ControlTrainingStep
+from ..families.encoders import FrozenEncoders
+from ..core.errors import CheckpointError, ConfigError, DataError, ModelError, NonFiniteLossError
+from ..families.loading import MainModel, load_main_model, load_side_network
+from ..core.step import ControlTrainingStep
 
 logger = logging.getLogger("lisa_control")
 
@@ -44,12 +44,12 @@ class TrainResult:
 def build_dataset(cfg: TrainConfig, model: MainModel):
     resolution = cfg.resolution or model.resolution
     if cfg.task:
-        from .data.tasks import TaskDataset, get_task
+        from ..data.tasks import TaskDataset, get_task
 
         task = get_task(cfg.task, resolution=resolution)
         return TaskDataset(task, size=cfg.task_train_size, seed=cfg.seed or 0), resolution
     if cfg.train_data_dir or cfg.dataset_name:
-        from .data.folder import ControlDataset
+        from ..data.folder import ControlDataset
 
         dataset = ControlDataset(
             cfg.train_data_dir or cfg.dataset_name,
@@ -65,7 +65,7 @@ def build_dataset(cfg: TrainConfig, model: MainModel):
         )
         return dataset, resolution
     if model.task:
-        from .data.tasks import TaskDataset, get_task
+        from ..data.tasks import TaskDataset, get_task
 
         task = get_task(model.task, resolution=resolution)
         return TaskDataset(task, size=cfg.task_train_size, seed=cfg.seed or 0), resolution
@@ -100,7 +100,7 @@ def build_regularizers(cfg: TrainConfig, branch, sample_size: int) -> list:
     regularizers = []
     for name in names:
         if name == "lisa":
-            from .token_decoders import lisa_for_branch
+            from ..regularizers.token_decoders import lisa_for_branch
 
             regularizers.append(
                 lisa_for_branch(
@@ -119,7 +119,7 @@ def build_regularizers(cfg: TrainConfig, branch, sample_size: int) -> list:
                 )
             )
         elif name == "layersync":
-            from .regularizers.layersync import LayerSync, default_pairs
+            from ..regularizers.layersync import LayerSync, default_pairs
 
             pairs = cfg.layersync_pairs or default_pairs(branch.side_network)
             regularizers.append(
@@ -149,7 +149,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    from .data.sampler import ResumableBatchOrder
+    from ..data.sampler import ResumableBatchOrder
 
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -296,7 +296,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     validator = None
     if cfg.validation_steps and (cfg.validation_image or hasattr(dataset, "task")):
-        from .validation import Validator
+        from ..eval.validation import Validator
 
         validator = Validator.from_config(cfg, model, dataset, encoders, sample_size)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .branches.base import Context
+from ..core.branch import Context
 from .loading import MainModel
 
 
@@ -60,7 +60,7 @@ class FrozenEncoders:
         style and Flux transformers, a zero pooled vector)."""
         config = self.model.main_network.config
         if self.model.family in ("sd3", "flux"):
-            from .flow_models import null_text_context
+            from ..zoo.flow import null_text_context
 
             return null_text_context(config, batch, self.device, self.dtype)
         tokens = torch.zeros(batch, 1, config.cross_attention_dim, device=self.device)
