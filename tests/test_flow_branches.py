@@ -58,7 +58,8 @@ from lisa_control.core.objectives import (
 )
 from lisa_control.regularizers.base import StepState
 from lisa_control.core.step import ControlTrainingStep
-from lisa_control.regularizers.token_decoders import TokenScoreDecoder, lisa_for_branch, unpatchify
+from lisa_control.regularizers.lisa import lisa_for_branch
+from lisa_control.regularizers.token_decoders import TokenScoreDecoder, unpatchify
 
 # diffusers' own FluxControlNetModel still imports the deprecated FluxPosEmbed.
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed.*:FutureWarning")

@@ -61,7 +61,7 @@ def test_pretrain_with_layersync_writes_a_loadable_model_and_curves(tmp_path, ar
     assert (out / "samples" / "step-4.png").is_file()
     assert (out / "training_curve.png").is_file()
     model = load_pixel_model(out / "model")
-    assert model.family == ("unet" if architecture == "unet" else "sd3")
+    assert model.family.name == ("unet" if architecture == "unet" else "sd3")
     record = json.loads((out / "model" / "lisa_model.json").read_text())
     assert record["steps"] == 4 and "--regularizer layersync" in record["command"]
 

@@ -187,7 +187,7 @@ def test_non_numeric_flag_is_an_argparse_error(assets, tmp_path, capsys):
 
 
 def _poison_encoder(monkeypatch, at_call: int):
-    from lisa_control import encoders
+    from lisa_control.families import encoders
 
     original = encoders.FrozenEncoders.encode
     calls = {"n": 0}

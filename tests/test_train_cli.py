@@ -431,7 +431,7 @@ def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_pa
 
     model_dir = make_sd3_model(tmp_path / "sd3")
     model = load_main_model(str(model_dir))
-    assert model.family == "sd3" and model.condition_in_latent_space
+    assert model.family.name == "sd3" and model.condition_in_latent_space
     objective = model.training_objective()
     assert isinstance(objective, PreconditionedFlowObjective) and objective.shift == 3.0
     encoders = FrozenEncoders(model, "cpu")
@@ -539,7 +539,7 @@ def test_flux_folder_trains_with_text_and_latent_conditions(tmp_path):
 
     model_dir = make_flux_model(tmp_path / "flux")
     model = load_main_model(str(model_dir))
-    assert model.family == "flux" and model.condition_in_latent_space
+    assert model.family.name == "flux" and model.condition_in_latent_space
     assert model.training_objective().shift == 3.0
     ctx = FrozenEncoders(model, "cpu").prompt_context(["a cat", "b"])
     assert ctx.encoder_hidden_states.shape[-1] == 16

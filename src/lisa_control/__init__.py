@@ -11,7 +11,8 @@ from .regularizers import (
     StepState,
 )
 from .core.step import ControlTrainingStep, StepOutput
-from .regularizers.token_decoders import TokenScoreDecoder, lisa_for_branch
+from .regularizers.lisa import lisa_for_branch
+from .regularizers.token_decoders import TokenScoreDecoder
 
 __version__ = "0.1.0"
 

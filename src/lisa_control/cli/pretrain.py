@@ -108,26 +108,17 @@ def render_dataset(tasks, size: int, seed: int, num_workers: int) -> torch.Tenso
 
 def null_context(network, batch: int, device):
     """The constant context the main network is trained and sampled with."""
-    from ..families.encoders import FrozenEncoders
-    from ..families.loading import MainModel
+    from ..families import family_of_network
 
-    family = "unet" if hasattr(network.config, "cross_attention_dim") else "sd3"
-    model = MainModel(main_network=network, scheduler=None, family=family)
-    return FrozenEncoders(model, device).null_context(batch)
+    return family_of_network(network).null_context(network, batch, device)
 
 
 def predict(network, x, t, context):
-    """The main network's prediction for either family, with its null context."""
+    """The main network's own prediction, as its family calls it."""
+    from ..families import family_of_network
+
     t = t.expand(x.shape[0]) if t.ndim == 0 else t
-    if "pooled_projections" in context.extra:
-        return network(
-            hidden_states=x,
-            encoder_hidden_states=context.encoder_hidden_states,
-            pooled_projections=context.extra["pooled_projections"],
-            timestep=t,
-            return_dict=False,
-        )[0]
-    return network(x, t, context.encoder_hidden_states, return_dict=False)[0]
+    return family_of_network(network).predict(network, x, t, context)
 
 
 @torch.no_grad()
@@ -204,15 +195,15 @@ def load_initial_network(args):
             f"--init_from {args.init_from!r} is not a `lisa pretrain` main network (no "
             f"{PIXEL_MODEL_FILE}); pass a folder that `lisa pretrain` wrote, or embedded:TASK."
         )
-    architecture = {"unet": "unet", "sd3": "dit"}.get(model.family)
+    architecture = model.family.pretrain_architecture
     if architecture is None:
         raise ModelError(
-            f"--init_from {args.init_from!r} holds a {model.family} network; `lisa pretrain` "
+            f"--init_from {args.init_from!r} holds a {model.family.name} network; `lisa pretrain` "
             "continues UNets (--architecture unet) and SD3-style DiTs (--architecture dit)."
         )
     if architecture != args.architecture:
         raise ModelError(
-            f"--init_from {args.init_from!r} holds a {model.family} network but --architecture "
+            f"--init_from {args.init_from!r} holds a {model.family.name} network but --architecture "
             f"is {args.architecture}; pass --architecture {architecture}."
         )
     if model.resolution != args.resolution:

@@ -47,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args) -> Path:
-    from diffusers import ControlNetModel
-
     from ..families import branch_class
     from ..data.images import load_image, to_condition_tensor
     from ..families.loading import load_main_model, load_side_network
@@ -65,11 +63,7 @@ def generate(args) -> Path:
     if len(prompts) != len(args.image):
         raise ConfigError("give one --prompt, or as many as --image.")
     resolution = args.resolution or model.resolution
-    if resolution <= 0 or resolution % model.resolution_multiple:
-        raise ConfigError(
-            f"--resolution {resolution} does not fit this model: give a positive multiple of "
-            f"{model.resolution_multiple}."
-        )
+    model.check_resolution(resolution)
     conditions = torch.stack([to_condition_tensor(load_image(p), resolution) for p in args.image])
     # SD3 and Flux ControlNets take the VAE latent of an RGB image, checked when it is encoded
     if not model.condition_in_latent_space and conditions.shape[1] != branch.condition_channels:
@@ -79,9 +73,13 @@ def generate(args) -> Path:
         )
     rows = [[c] for c in to_uint8(conditions, signed=False)]
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    stock = model.family == "unet" and not model.is_pixel_space
-    if stock and cls.side_network_class is ControlNetModel:
-        samples = _stock_pipeline_samples(args, model, controlnet, prompts, conditions, generator)
+    from ..eval.validation import evaluation_scheduler
+
+    pipeline = model.family.stock_pipeline(
+        model, controlnet, evaluation_scheduler(model.scheduler)
+    )
+    if pipeline is not None:
+        samples = _stock_pipeline_samples(args, model, pipeline, prompts, conditions, generator)
     else:
         samples = _branch_samples(args, model, branch, prompts, conditions, generator, device)
     for images in samples:
@@ -94,16 +92,6 @@ def generate(args) -> Path:
     return out
 
 
-def _guidance(args, model) -> tuple[float, float | None]:
-    """(classifier-free guidance scale, Flux's embedded guidance) for ``--guidance_scale``."""
-    if model.family == "flux":
-        return 1.0, 3.5 if args.guidance_scale is None else args.guidance_scale
-    has_text = model.text_encoder is not None or model.prompt_encoder is not None
-    if not has_text:
-        return 1.0, None
-    return (7.5 if args.guidance_scale is None else args.guidance_scale), None
-
-
 def _branch_samples(args, model, branch, prompts, conditions, generator, device):
     """uint8 images, one (N, H, W, 3) array per ``--num_images``, through ``sampling.sample``."""
     from ..families.encoders import FrozenEncoders
@@ -113,7 +101,7 @@ def _branch_samples(args, model, branch, prompts, conditions, generator, device)
     encoders = FrozenEncoders(model, device)
     size = conditions.shape[-1] // model.vae_scale_factor
     scheduler, schedule = inference_schedule(model, size, size, args.num_inference_steps)
-    cfg_scale, embedded_guidance = _guidance(args, model)
+    cfg_scale, embedded_guidance = model.family.guidance(model, args.guidance_scale)
     context = encoders.prompt_context(prompts)
     if embedded_guidance is not None:
         context.extra["guidance"] = embedded_guidance
@@ -136,27 +124,13 @@ def _branch_samples(args, model, branch, prompts, conditions, generator, device)
         yield to_uint8(decode(model.vae, x).float().cpu())
 
 
-def _stock_pipeline_samples(args, model, controlnet, prompts, conditions, generator):
-    """uint8 images per ``--num_images`` from diffusers' StableDiffusionControlNetPipeline."""
-    from diffusers import StableDiffusionControlNetPipeline
-
-    from ..eval.validation import evaluation_scheduler
-
-    device = next(controlnet.parameters()).device
-    pipe = StableDiffusionControlNetPipeline(
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        unet=model.main_network,
-        controlnet=controlnet,
-        scheduler=evaluation_scheduler(model.scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(device)
-    cfg_scale, _ = _guidance(args, model)
+def _stock_pipeline_samples(args, model, pipeline, prompts, conditions, generator):
+    """uint8 images per ``--num_images`` from the family's stock diffusers pipeline."""
+    device = next(pipeline.controlnet.parameters()).device
+    pipeline = pipeline.to(device)
+    cfg_scale, _ = model.family.guidance(model, args.guidance_scale)
     for _ in range(args.num_images):
-        images = pipe(
+        images = pipeline(
             prompts,
             image=conditions.to(device),
             num_inference_steps=args.num_inference_steps,

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .hooks import zero_projection_names
+from .errors import ConfigError
+from .hooks import default_layer, zero_projection_names
 
 
 @dataclass
@@ -103,6 +104,18 @@ class DualBranch(nn.Module):
 
     def layer_names(self) -> list[str]:
         return zero_projection_names(self.side_network)
+
+    def default_lisa_layer(self) -> str:
+        """The side-network layer LISA reads when none is named."""
+        return default_layer(self.side_network)
+
+    def lisa_decoder(self, layer: str, sample_size: int | None = None, **shape) -> nn.Module:
+        """LISA's decoder from the feature at ``layer`` to this family's prediction space, for a
+        sample ``sample_size`` wide (default the main network's)."""
+        raise ConfigError(
+            f"no LISA decoder recipe for {type(self).__name__}; build "
+            "LikelihoodScoreAlignment(side_network, layer=..., decoder=...) yourself."
+        )
 
     def save_side_network(self, path: str | Path) -> None:
         """Save the side network alone as a plain diffusers folder (safetensors)."""

@@ -239,3 +239,107 @@ def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+# ----------------------------------------------------------------------------- SD3 recipe
+
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+
+
+class PreconditionedFlowObjective(RectifiedFlowObjective):
+    """SD3's training recipe from diffusers' ``train_controlnet_sd3.py``.
+
+    Timesteps: u ~ ``compute_density_for_timestep_sampling(weighting_scheme)`` (logit-normal,
+    "mode" or uniform; the loss-weighting schemes sample uniformly), index i = floor(u T), and
+    s = sigma_i from the table of ``FlowMatchEulerDiscreteScheduler(shift=shift)``:
+
+        r_i = (T - i) / T,      sigma_i = shift r_i / (1 + (shift - 1) r_i),   timestep = T sigma_i.
+
+    Loss (per sample mean, then batch mean), with w = ``compute_loss_weighting_for_sd3(s)``
+    (s^-2 for "sigma_sqrt", 2 / (pi (1 - 2 s + 2 s^2)) for "cosmap", else 1):
+
+        precondition_outputs=True:   w || (x_s - s u) - x0 ||^2  =  w s^2 || u - (eps - x0) ||^2
+        precondition_outputs=False:  w || u - (eps - x0) ||^2
+
+    ``batch.target`` stays the velocity eps - x0, the space the network predicts in, so the
+    prior residual that LISA regresses and ``score`` are those of :class:`RectifiedFlowObjective`.
+    ``shift`` is 1.0 by default (right for small images); SD3-medium's scheduler uses 3.0, see
+    :meth:`from_scheduler`.
+    """
+
+    def __init__(
+        self,
+        weighting_scheme: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        shift: float = 1.0,
+        precondition_outputs: bool = True,
+        num_timesteps: int = 1000,
+    ):
+        if weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ConfigError(
+                f"unknown weighting_scheme {weighting_scheme!r}; choose one of "
+                f"{', '.join(WEIGHTING_SCHEMES)} (as diffusers' train_controlnet_sd3.py)."
+            )
+        if not shift > 0:
+            raise ConfigError(f"shift must be > 0, got {shift!r}.")
+        super().__init__(timestep_sampler="uniform", num_timesteps=num_timesteps)
+        self.weighting_scheme = weighting_scheme
+        self.logit_mean = logit_mean
+        self.logit_std = logit_std
+        self.mode_scale = mode_scale
+        self.shift = float(shift)
+        self.precondition_outputs = precondition_outputs
+
+    @classmethod
+    def from_scheduler(cls, scheduler, **kwargs) -> PreconditionedFlowObjective:
+        """Take ``shift`` and the number of training timesteps from a
+        ``FlowMatchEulerDiscreteScheduler`` (e.g. the one shipped with SD3)."""
+        if getattr(scheduler.config, "use_dynamic_shifting", False):
+            raise ConfigError(
+                "schedulers with use_dynamic_shifting (Flux) have no fixed training shift; "
+                "pass shift= explicitly."
+            )
+        return cls(
+            shift=scheduler.config.shift,
+            num_timesteps=scheduler.config.num_train_timesteps,
+            **kwargs,
+        )
+
+    def sigma_table(self, device=None) -> torch.Tensor:
+        """sigma_i for i = 0..T-1, as ``FlowMatchEulerDiscreteScheduler(shift).sigmas``."""
+        T = self.num_timesteps
+        r = torch.arange(T, 0, -1, device=device, dtype=torch.float32) / T
+        return self.shift * r / (1 + (self.shift - 1) * r)
+
+    def sample(self, x0, generator=None, noise=None, timesteps=None) -> NoisedBatch:
+        if timesteps is None:
+            from diffusers.training_utils import compute_density_for_timestep_sampling
+
+            u = compute_density_for_timestep_sampling(
+                weighting_scheme=self.weighting_scheme,
+                batch_size=x0.shape[0],
+                logit_mean=self.logit_mean,
+                logit_std=self.logit_std,
+                mode_scale=self.mode_scale,
+                device=x0.device,
+                generator=generator,
+            )
+            # u can reach 1.0 (sigmoid saturation, the "mode" law at u' = 0): clamp the index.
+            index = (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
+            timesteps = self.sigma_table(x0.device)[index] * self.num_timesteps
+        return super().sample(x0, generator=generator, noise=noise, timesteps=timesteps)
+
+    def loss(self, prediction: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        s = self.sigmas(batch.timesteps, prediction)
+        weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas=s)
+        prediction, target = prediction.float(), batch.target.float()
+        if self.precondition_outputs:
+            x_t = batch.x_t.float()
+            prediction = x_t - s * prediction  # x0-hat
+            target = x_t - s * target  # = x0 exactly: x_s - s (eps - x0)
+        per_sample = (weighting * (prediction - target) ** 2).reshape(target.shape[0], -1).mean(1)
+        return per_sample.mean()

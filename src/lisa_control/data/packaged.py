@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import ConfigError, DataError
-from .tasks import register_task
 from .tasks.base import ProceduralTask, TaskSample
 from .tasks.edges import EdgeFidelity, edge_condition
 from .tasks.segmentation import SegmentationFidelity
+from .tasks.registry import register_task
 from .tasks.super_resolution import SuperResolutionFidelity, low_resolution_condition
 
 FASHION_MNIST_ENV = "LISA_FASHION_MNIST_DIR"

@@ -53,17 +53,12 @@ def evaluation_scheduler(train_scheduler):
 
 def inference_schedule(model, height: int, width: int, num_inference_steps: int):
     """(scheduler, extra ``set_timesteps`` arguments) to sample ``model`` at a latent of
-    ``height`` x ``width``: ``evaluation_scheduler``'s choice, except for latent Flux models,
-    which get FluxPipeline's own resolution-dependent schedule, so that validation and
-    ``lisa sample`` draw what the stock pipeline draws."""
-    if model.family == "flux" and not model.is_pixel_space:
-        import copy
-
-        from ..families.flux import pipeline_schedule
-
-        scheduler = copy.deepcopy(model.scheduler)
-        return scheduler, pipeline_schedule(scheduler, height, width, num_inference_steps)
-    return evaluation_scheduler(model.scheduler), None
+    ``height`` x ``width``: ``evaluation_scheduler``'s choice unless the family draws as its stock
+    pipeline does (Flux's resolution-dependent schedule), so that validation and ``lisa sample``
+    draw what the pipeline draws."""
+    return model.family.inference_schedule(
+        model, evaluation_scheduler(model.scheduler), height, width, num_inference_steps
+    )
 
 
 class Validator:

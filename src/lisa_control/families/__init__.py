@@ -1,41 +1,46 @@
-"""Dual-branch adapters, one model family per module."""
+"""Model families, one per file, behind the :class:`Family` interface.
 
-from ..core.errors import ConfigError
+Adding a family is one file (a ``Family`` subclass, its branches and network layouts) plus one
+line in the tuple below, or a :func:`register_family` call from your own code.
+"""
+
 from ..core.branch import Context, DualBranch, Prediction
-from .flux import FluxControlNetBranch
-from .sd3 import PreconditionedFlowObjective, SD3ControlNetBranch
+from .base import Family, MainModel
+from .flux import FluxControlNetBranch, FluxFamily
+from .registry import (
+    FAMILIES,
+    branch_class,
+    family_of_network,
+    family_of_pipeline,
+    get_family,
+    register_family,
+    side_network_kinds,
+)
+from .sd3 import SD3ControlNetBranch, SD3Family
 from .t2i_adapter import T2IAdapterBranch
-from .unet import UNetControlNetBranch
+from .unet import UNetControlNetBranch, UNetFamily
 
-# (main-network family, side-network kind) -> branch; `lisa train --side_network` picks the kind.
-BRANCHES: dict[tuple[str, str], type[DualBranch]] = {
-    ("unet", "controlnet"): UNetControlNetBranch,
-    ("unet", "t2i_adapter"): T2IAdapterBranch,
-    ("sd3", "controlnet"): SD3ControlNetBranch,
-    ("flux", "controlnet"): FluxControlNetBranch,
-}
-
-
-def branch_class(family: str, side_network: str = "controlnet") -> type[DualBranch]:
-    """The branch for a main network of ``family`` with a side network of kind ``side_network``."""
-    if (family, side_network) not in BRANCHES:
-        kinds = sorted(k for f, k in BRANCHES if f == family)
-        raise ConfigError(
-            f"no {side_network!r} side network for a {family!r} main network; this family "
-            f"takes --side_network {' or '.join(kinds) or '(none)'}."
-        )
-    return BRANCHES[(family, side_network)]
-
+for _family in (UNetFamily(), SD3Family(), FluxFamily()):
+    register_family(_family)
 
 __all__ = [
-    "BRANCHES",
+    "FAMILIES",
     "Context",
     "DualBranch",
+    "Family",
     "FluxControlNetBranch",
-    "PreconditionedFlowObjective",
+    "FluxFamily",
+    "MainModel",
     "Prediction",
     "SD3ControlNetBranch",
+    "SD3Family",
     "T2IAdapterBranch",
     "UNetControlNetBranch",
+    "UNetFamily",
     "branch_class",
+    "family_of_network",
+    "family_of_pipeline",
+    "get_family",
+    "register_family",
+    "side_network_kinds",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..core.branch import Context
-from .loading import MainModel
+from .base import MainModel
 
 
 class FrozenEncoders:
@@ -58,13 +58,7 @@ class FrozenEncoders:
     def null_context(self, batch: int) -> Context:
         """The constant context of a model trained without text: one zero token (and, for SD3-
         style and Flux transformers, a zero pooled vector)."""
-        config = self.model.main_network.config
-        if self.model.family in ("sd3", "flux"):
-            from ..zoo.flow import null_text_context
-
-            return null_text_context(config, batch, self.device, self.dtype)
-        tokens = torch.zeros(batch, 1, config.cross_attention_dim, device=self.device)
-        return Context(encoder_hidden_states=tokens.to(self.dtype))
+        return self.model.null_context(batch, self.device, self.dtype)
 
     def prompt_context(self, captions: list[str]) -> Context:
         """The context of ``captions``; the null context for models trained without text."""
@@ -133,12 +127,12 @@ class FrozenEncoders:
 
 
 class PipelinePrompts:
-    """Text conditioning through a diffusers pipeline's own ``encode_prompt``, combined exactly
-    as the pipeline does: SD3's two CLIP encoders (pooled and per-token) and optional T5, or
-    Flux's CLIP (pooled) and T5 (per-token, with its position ids)."""
+    """Text conditioning through a diffusers pipeline's own ``encode_prompt``, combined as the
+    family's ``encode_prompts`` says (SD3: two CLIPs and T5; Flux: CLIP pooled, T5 tokens)."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, encode):
         self.pipe = pipe
+        self.encode = encode
 
     def modules(self) -> list[torch.nn.Module]:
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -146,19 +140,4 @@ class PipelinePrompts:
 
     @torch.no_grad()
     def __call__(self, captions: list[str], device) -> Context:
-        captions = list(captions)
-        if hasattr(self.pipe, "text_encoder_3"):  # Stable Diffusion 3
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=captions,
-                prompt_2=None,
-                prompt_3=None,
-                device=device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-            )
-            return Context(encoder_hidden_states=embeds, extra={"pooled_projections": pooled})
-        embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=captions, prompt_2=None, device=device, num_images_per_prompt=1
-        )
-        extra = {"pooled_projections": pooled, "txt_ids": text_ids}
-        return Context(encoder_hidden_states=embeds, extra=extra)
+        return self.encode(self.pipe, list(captions), device)

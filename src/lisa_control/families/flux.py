@@ -32,10 +32,27 @@ given to each network whose config has ``guidance_embeds``, as the pipeline does
 from __future__ import annotations
 
 import torch
-from diffusers import FluxControlNetModel, FluxTransformer2DModel
+from torch import nn
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxTransformer2DModel,
+)
 
 from ..core.errors import ModelError
 from ..core.branch import Context, DualBranch, Prediction
+from ..core.hooks import NetworkLayout, register_layout
+from ..core.objectives import PreconditionedFlowObjective
+from ..regularizers.token_decoders import TokenScoreDecoder
+from .base import Family, MainModel
+from .loading import load_pipeline_parts
+from .sd3 import null_text_context
+from .transformer_layers import (
+    controlnet_block_aliases,
+    middle_block_layer,
+    token_feature_dim,
+    transformer_stack,
+)
 
 # ----------------------------------------------------------------------------- packing
 
@@ -299,3 +316,101 @@ class FluxControlNetBranch(DualBranch):
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
         return self._main(x_t, timesteps, context)
+
+    def default_lisa_layer(self) -> str:
+        return middle_block_layer(self.side_network)
+
+    def lisa_decoder(self, layer: str, sample_size: int | None = None, **shape) -> nn.Module:
+        """A :class:`TokenScoreDecoder` from packed 2x2 tokens to the latent velocity; without
+        ``sample_size`` (Flux has none) a square grid is inferred per batch."""
+        return TokenScoreDecoder(
+            token_feature_dim(self.side_network, layer),
+            self.main_network.out_channels // 4,  # packed width -> latent channels
+            2,
+            grid_size=None if sample_size is None else sample_size // 2,
+        )
+
+
+_FLUX_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
+register_layout(
+    FluxTransformer2DModel,
+    NetworkLayout(blocks=transformer_stack(*_FLUX_BLOCKS), heavy_blocks=_FLUX_BLOCKS),
+)
+register_layout(
+    FluxControlNetModel,
+    NetworkLayout(
+        projection_lists={"block": "controlnet_blocks", "single": "controlnet_single_blocks"},
+        default_layer=middle_block_layer,
+        blocks=controlnet_block_aliases,
+        heavy_blocks=_FLUX_BLOCKS,
+    ),
+)
+
+
+class FluxFamily(Family):
+    """Flux.1 pipelines: packed latents, CLIP + T5 prompts, guidance embedded in the network."""
+
+    name = "flux"
+    network_class = FluxTransformer2DModel
+    network_folder = "transformer"
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    pipeline_prefixes = ("Flux",)
+    side_networks = {"controlnet": FluxControlNetBranch}
+    condition_in_latent_space = True
+    packed_channels = 4
+    default_objective = "flow"
+
+    def load_pipeline(self, name: str, revision=None, variant=None, allow_pickle=False):
+        from diffusers import FluxPipeline
+
+        from .encoders import PipelinePrompts
+
+        pipe = load_pipeline_parts(FluxPipeline, name, revision, variant, allow_pickle)
+        # Flux's transformer has no sample_size; its pipeline's default is 128 latent pixels.
+        latent_size = getattr(pipe.transformer.config, "sample_size", None)
+        latent_size = latent_size or getattr(pipe, "default_sample_size", 128)
+        return MainModel(
+            main_network=pipe.transformer,
+            scheduler=pipe.scheduler,
+            family=self,
+            vae=pipe.vae,
+            resolution=latent_size * pipe.vae_scale_factor,
+            source=name,
+            objective="flow",
+            prompt_encoder=PipelinePrompts(pipe, self.encode_prompts),
+        )
+
+    def encode_prompts(self, pipeline, captions: list[str], device) -> Context:
+        """CLIP's pooled vector and T5's tokens with their position ids, as FluxPipeline."""
+        embeds, pooled, text_ids = pipeline.encode_prompt(
+            prompt=list(captions), prompt_2=None, device=device, num_images_per_prompt=1
+        )
+        extra = {"pooled_projections": pooled, "txt_ids": text_ids}
+        return Context(encoder_hidden_states=embeds, extra=extra)
+
+    def null_context(self, network, batch: int, device=None, dtype=torch.float32) -> Context:
+        return null_text_context(network.config, batch, device, dtype)
+
+    def training_objective(self, model: MainModel, name: str, timestep_sampler=None):
+        """diffusers' train_controlnet_flux.py: the scheduler's static shift and a plain velocity
+        loss (Flux's scheduler shifts dynamically only at inference)."""
+        if name == "flow" and not model.is_pixel_space:
+            return PreconditionedFlowObjective(
+                shift=model.scheduler.config.shift,
+                num_timesteps=model.scheduler.config.num_train_timesteps,
+                precondition_outputs=False,
+            )
+        return super().training_objective(model, name, timestep_sampler)
+
+    def inference_schedule(self, model: MainModel, scheduler, height: int, width: int, steps):
+        """Latent Flux models sample with FluxPipeline's resolution-dependent schedule."""
+        if model.is_pixel_space:
+            return scheduler, None
+        import copy
+
+        scheduler = copy.deepcopy(model.scheduler)
+        return scheduler, pipeline_schedule(scheduler, height, width, steps)
+
+    def guidance(self, model: MainModel, guidance_scale: float | None):
+        """Flux.1-dev's distilled guidance, embedded in the transformer; no classifier-free pass."""
+        return 1.0, 3.5 if guidance_scale is None else guidance_scale

@@ -56,116 +56,30 @@ pipeline then never shows the ControlNet.)
 from __future__ import annotations
 
 import torch
-from diffusers import SD3ControlNetModel, SD3Transformer2DModel
-from diffusers.configuration_utils import FrozenDict
-from diffusers.training_utils import (
-    compute_density_for_timestep_sampling,
-    compute_loss_weighting_for_sd3,
+from torch import nn
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    SD3ControlNetModel,
+    SD3Transformer2DModel,
 )
+from diffusers.configuration_utils import FrozenDict
 
 from ..core.errors import ConfigError, ModelError
-from ..core.objectives import NoisedBatch, RectifiedFlowObjective
+from ..core.objectives import PreconditionedFlowObjective
 from ..core.branch import Context, DualBranch, Prediction
+from ..core.hooks import NetworkLayout, register_layout
+from ..regularizers.token_decoders import TokenScoreDecoder
+from .base import Family, MainModel
+from .loading import load_pipeline_parts
+from .transformer_layers import (
+    controlnet_block_aliases,
+    middle_block_layer,
+    token_feature_dim,
+    transformer_stack,
+)
 
-# ----------------------------------------------------------------------------- objective
-
-WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
-
-
-class PreconditionedFlowObjective(RectifiedFlowObjective):
-    """SD3's training recipe from diffusers' ``train_controlnet_sd3.py``.
-
-    Timesteps: u ~ ``compute_density_for_timestep_sampling(weighting_scheme)`` (logit-normal,
-    "mode" or uniform; the loss-weighting schemes sample uniformly), index i = floor(u T), and
-    s = sigma_i from the table of ``FlowMatchEulerDiscreteScheduler(shift=shift)``:
-
-        r_i = (T - i) / T,      sigma_i = shift r_i / (1 + (shift - 1) r_i),   timestep = T sigma_i.
-
-    Loss (per sample mean, then batch mean), with w = ``compute_loss_weighting_for_sd3(s)``
-    (s^-2 for "sigma_sqrt", 2 / (pi (1 - 2 s + 2 s^2)) for "cosmap", else 1):
-
-        precondition_outputs=True:   w || (x_s - s u) - x0 ||^2  =  w s^2 || u - (eps - x0) ||^2
-        precondition_outputs=False:  w || u - (eps - x0) ||^2
-
-    ``batch.target`` stays the velocity eps - x0, the space the network predicts in, so the
-    prior residual that LISA regresses and ``score`` are those of :class:`RectifiedFlowObjective`.
-    ``shift`` is 1.0 by default (right for small images); SD3-medium's scheduler uses 3.0, see
-    :meth:`from_scheduler`.
-    """
-
-    def __init__(
-        self,
-        weighting_scheme: str = "logit_normal",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
-        shift: float = 1.0,
-        precondition_outputs: bool = True,
-        num_timesteps: int = 1000,
-    ):
-        if weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ConfigError(
-                f"unknown weighting_scheme {weighting_scheme!r}; choose one of "
-                f"{', '.join(WEIGHTING_SCHEMES)} (as diffusers' train_controlnet_sd3.py)."
-            )
-        if not shift > 0:
-            raise ConfigError(f"shift must be > 0, got {shift!r}.")
-        super().__init__(timestep_sampler="uniform", num_timesteps=num_timesteps)
-        self.weighting_scheme = weighting_scheme
-        self.logit_mean = logit_mean
-        self.logit_std = logit_std
-        self.mode_scale = mode_scale
-        self.shift = float(shift)
-        self.precondition_outputs = precondition_outputs
-
-    @classmethod
-    def from_scheduler(cls, scheduler, **kwargs) -> PreconditionedFlowObjective:
-        """Take ``shift`` and the number of training timesteps from a
-        ``FlowMatchEulerDiscreteScheduler`` (e.g. the one shipped with SD3)."""
-        if getattr(scheduler.config, "use_dynamic_shifting", False):
-            raise ConfigError(
-                "schedulers with use_dynamic_shifting (Flux) have no fixed training shift; "
-                "pass shift= explicitly."
-            )
-        return cls(
-            shift=scheduler.config.shift,
-            num_timesteps=scheduler.config.num_train_timesteps,
-            **kwargs,
-        )
-
-    def sigma_table(self, device=None) -> torch.Tensor:
-        """sigma_i for i = 0..T-1, as ``FlowMatchEulerDiscreteScheduler(shift).sigmas``."""
-        T = self.num_timesteps
-        r = torch.arange(T, 0, -1, device=device, dtype=torch.float32) / T
-        return self.shift * r / (1 + (self.shift - 1) * r)
-
-    def sample(self, x0, generator=None, noise=None, timesteps=None) -> NoisedBatch:
-        if timesteps is None:
-            u = compute_density_for_timestep_sampling(
-                weighting_scheme=self.weighting_scheme,
-                batch_size=x0.shape[0],
-                logit_mean=self.logit_mean,
-                logit_std=self.logit_std,
-                mode_scale=self.mode_scale,
-                device=x0.device,
-                generator=generator,
-            )
-            # u can reach 1.0 (sigmoid saturation, the "mode" law at u' = 0): clamp the index.
-            index = (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
-            timesteps = self.sigma_table(x0.device)[index] * self.num_timesteps
-        return super().sample(x0, generator=generator, noise=noise, timesteps=timesteps)
-
-    def loss(self, prediction: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
-        s = self.sigmas(batch.timesteps, prediction)
-        weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas=s)
-        prediction, target = prediction.float(), batch.target.float()
-        if self.precondition_outputs:
-            x_t = batch.x_t.float()
-            prediction = x_t - s * prediction  # x0-hat
-            target = x_t - s * target  # = x0 exactly: x_s - s (eps - x0)
-        per_sample = (weighting * (prediction - target) ** 2).reshape(target.shape[0], -1).mean(1)
-        return per_sample.mean()
-
+# The embedded flow DiT and SD3 without text are conditioned on one zero token.
+NULL_TEXT_TOKENS = 1
 
 # ----------------------------------------------------------------------------- side network
 
@@ -336,3 +250,109 @@ class SD3ControlNetBranch(DualBranch):
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
         return self._main(x_t, timesteps, context)
+
+    def default_lisa_layer(self) -> str:
+        return middle_block_layer(self.side_network)
+
+    def lisa_decoder(self, layer: str, sample_size: int | None = None, **shape) -> nn.Module:
+        """A :class:`TokenScoreDecoder` from the tokens entering ``block_k`` to the velocity."""
+        main = self.main_network
+        patch_size = main.config.patch_size
+        sample_size = sample_size or main.config.sample_size
+        return TokenScoreDecoder(
+            token_feature_dim(self.side_network, layer),
+            main.out_channels,
+            patch_size,
+            grid_size=sample_size // patch_size,
+        )
+
+
+def null_text_context(config, batch_size: int, device=None, dtype=torch.float32) -> Context:
+    """The constant "no text" context of an SD3 or Flux transformer (``config`` is its
+    ``.config``): one zero token of ``joint_attention_dim`` and a zero pooled vector."""
+    return Context(
+        encoder_hidden_states=torch.zeros(
+            batch_size, NULL_TEXT_TOKENS, config["joint_attention_dim"], device=device, dtype=dtype
+        ),
+        extra={
+            "pooled_projections": torch.zeros(
+                batch_size, config["pooled_projection_dim"], device=device, dtype=dtype
+            )
+        },
+    )
+
+
+register_layout(
+    SD3Transformer2DModel,
+    NetworkLayout(blocks=transformer_stack("transformer_blocks"), heavy_blocks=("transformer_blocks",)),
+)
+register_layout(
+    SD3ControlNetModel,
+    NetworkLayout(
+        projection_lists={"block": "controlnet_blocks"},
+        default_layer=middle_block_layer,
+        blocks=controlnet_block_aliases,
+        heavy_blocks=("transformer_blocks",),
+    ),
+)
+
+
+class SD3Family(Family):
+    """Stable Diffusion 3 / 3.5 pipelines and the pixel-space flow DiT of ``lisa pretrain``."""
+
+    name = "sd3"
+    network_class = SD3Transformer2DModel
+    network_folder = "transformer"
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    pipeline_prefixes = ("StableDiffusion3",)
+    side_networks = {"controlnet": SD3ControlNetBranch}
+    condition_in_latent_space = True
+    pretrain_architecture = "dit"
+    default_objective = "flow"
+
+    def load_pipeline(self, name: str, revision=None, variant=None, allow_pickle=False):
+        from diffusers import StableDiffusion3Pipeline
+
+        from .encoders import PipelinePrompts
+
+        pipe = load_pipeline_parts(StableDiffusion3Pipeline, name, revision, variant, allow_pickle)
+        return MainModel(
+            main_network=pipe.transformer,
+            scheduler=pipe.scheduler,
+            family=self,
+            vae=pipe.vae,
+            resolution=pipe.transformer.config.sample_size * pipe.vae_scale_factor,
+            source=name,
+            objective="flow",
+            prompt_encoder=PipelinePrompts(pipe, self.encode_prompts),
+        )
+
+    def encode_prompts(self, pipeline, captions: list[str], device) -> Context:
+        """SD3's two CLIP encoders (pooled and per token) and optional T5, as the pipeline."""
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompt=list(captions),
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return Context(encoder_hidden_states=embeds, extra={"pooled_projections": pooled})
+
+    def null_context(self, network, batch: int, device=None, dtype=torch.float32) -> Context:
+        return null_text_context(network.config, batch, device, dtype)
+
+    def predict(self, network, x_t, timesteps, context: Context) -> torch.Tensor:
+        return network(
+            hidden_states=x_t,
+            encoder_hidden_states=context.encoder_hidden_states,
+            pooled_projections=context.extra["pooled_projections"],
+            timestep=timesteps,
+            return_dict=False,
+        )[0]
+
+    def training_objective(self, model: MainModel, name: str, timestep_sampler=None):
+        """Latent SD3 trains with diffusers' recipe and the scheduler's shift."""
+        if name == "flow" and not model.is_pixel_space:
+            return PreconditionedFlowObjective.from_scheduler(model.scheduler)
+        return super().training_objective(model, name, timestep_sampler)

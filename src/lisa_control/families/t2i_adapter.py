@@ -26,8 +26,10 @@ import re
 import torch
 from diffusers import T2IAdapter, UNet2DConditionModel
 
-from ..core.errors import ConfigError, ModelError
 from ..core.branch import Context, DualBranch, Prediction
+from ..core.errors import ConfigError, ModelError
+from ..core.hooks import NetworkLayout, register_layout, resolve_layer
+from ..regularizers.decoders import ScoreDecoder
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -215,3 +217,27 @@ class T2IAdapterBranch(DualBranch):
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
         return self._main(x_t, timesteps, context)
+
+    def default_lisa_layer(self) -> str:
+        return default_adapter_layer(self.side_network)
+
+    def lisa_decoder(
+        self, layer: str, sample_size: int | None = None, feature_channels=None, feature_size=None
+    ) -> ScoreDecoder:
+        """A :class:`ScoreDecoder` from an adapter stage's output to the UNet's prediction."""
+        sample_size = sample_size or self.main_network.config.sample_size
+        if feature_channels is None or feature_size is None:
+            feature_channels, feature_size = adapter_feature_shape(
+                self.side_network, layer, sample_size, self.condition_downscale
+            )
+        return ScoreDecoder.for_layer(
+            self.side_network,
+            resolve_layer(self.side_network, layer),
+            out_channels=self.main_network.config.out_channels,
+            sample_size=sample_size,
+            feature_channels=feature_channels,
+            feature_size=feature_size,
+        )
+
+
+register_layout(T2IAdapter, NetworkLayout(default_layer=default_adapter_layer))

@@ -1,4 +1,6 @@
-"""diffusers ``UNet2DConditionModel`` (main) + ``ControlNetModel`` (side): SD1.x, SD2.x, SDXL.
+"""The UNet family: diffusers ``UNet2DConditionModel`` main networks (SD1.x, SD2.x, SDXL and the
+shipped pixel-space UNets) with a ``ControlNetModel`` side network (here) or a ``T2IAdapter``
+(``t2i_adapter.py``).
 
 The ControlNet reads (x_t, t, text, condition) and returns one residual per UNet skip connection
 plus one for the mid block; the UNet adds them. The prior is the same UNet call without them.
@@ -8,12 +10,19 @@ down path once and the up path twice (see ``unet_split``).
 
 from __future__ import annotations
 
-import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from pathlib import Path
 
-from ..core.errors import ConfigError, ModelError
-from . import unet_split
+import torch
+from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
 from ..core.branch import Context, DualBranch, Prediction
+from ..core.errors import ConfigError, ModelError
+from ..core.hooks import NetworkLayout, register_layout, resolve_layer, zero_projection_names
+from ..regularizers.decoders import ScoreDecoder, controlnet_feature_shape
+from . import unet_split
+from .base import Family, MainModel
+from .loading import check_weight_files
+from .t2i_adapter import T2IAdapterBranch
 
 # Config keys that must agree between a UNet and a ControlNet meant to drive it.
 _MATCHING_KEYS = (
@@ -223,3 +232,137 @@ class UNetControlNetBranch(DualBranch):
             return_dict=False,
             **self._main_kwargs(context, main_dtype),
         )[0]
+
+    def lisa_decoder(self, layer: str, sample_size: int | None = None, **shape) -> ScoreDecoder:
+        """A :class:`ScoreDecoder` from the feature at ``layer`` to the UNet's prediction."""
+        return ScoreDecoder.for_layer(
+            self.side_network,
+            resolve_layer(self.side_network, layer),
+            out_channels=self.main_network.config.out_channels,
+            sample_size=sample_size or self.main_network.config.sample_size,
+            **shape,
+        )
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def unet_blocks(network) -> list[tuple[str, int | None]]:
+    """Down blocks, mid block and up blocks in forward order, with their output widths."""
+    widths = list(network.config.block_out_channels)
+    blocks = [(f"down_blocks.{k}", widths[k]) for k in range(len(network.down_blocks))]
+    if getattr(network, "mid_block", None) is not None:
+        blocks.append(("mid_block", widths[-1]))
+    reversed_widths = widths[::-1]
+    up_blocks = getattr(network, "up_blocks", None) or []
+    blocks.extend((f"up_blocks.{k}", reversed_widths[k]) for k in range(len(up_blocks)))
+    return blocks
+
+
+def default_controlnet_layer(controlnet) -> str:
+    """The authors' ``down_5`` where it exists, else the middle zero projection."""
+    names = zero_projection_names(controlnet)
+    return "down_5" if "down_5" in names else names[len(names) // 2]
+
+
+register_layout(
+    UNet2DConditionModel,
+    NetworkLayout(blocks=unet_blocks, heavy_blocks=("down_blocks", "up_blocks", "mid_block")),
+)
+register_layout(
+    ControlNetModel,
+    NetworkLayout(
+        projection_lists={"down": "controlnet_down_blocks"},
+        single_projections={"mid": "controlnet_mid_block"},
+        default_layer=default_controlnet_layer,
+        blocks=unet_blocks,
+        heavy_blocks=("down_blocks", "mid_block", "controlnet_cond_embedding"),
+        feature_shape=controlnet_feature_shape,
+    ),
+)
+
+
+# ----------------------------------------------------------------------------- the family
+
+
+class UNetFamily(Family):
+    """Stable Diffusion UNets (latent, CLIP text) and the pixel-space UNets of ``lisa pretrain``."""
+
+    name = "unet"
+    network_class = UNet2DConditionModel
+    network_folder = "unet"
+    pretrain_architecture = "unet"
+    side_networks = {"controlnet": UNetControlNetBranch, "t2i_adapter": T2IAdapterBranch}
+
+    scheduler_class = DDPMScheduler
+
+    def load_pipeline(self, name: str, revision=None, variant=None, allow_pickle=False):
+        from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        local = Path(name)
+        if local.is_dir():
+            for sub in ("unet", "vae"):
+                check_weight_files(local / sub, allow_pickle)
+        kw = dict(revision=revision, use_safetensors=not allow_pickle)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer", revision=revision)
+            text_encoder = CLIPTextModel.from_pretrained(
+                name, subfolder="text_encoder", revision=revision, variant=variant
+            )
+            vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
+            unet = UNet2DConditionModel.from_pretrained(
+                name, subfolder="unet", variant=variant, **kw
+            )
+            scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=revision)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"cannot load a Stable Diffusion model from {name!r}: {first}. Pass a diffusers "
+                "folder with unet/, vae/, text_encoder/, tokenizer/ and scheduler/, or a hub id "
+                "reachable from this machine."
+            ) from None
+        resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        return MainModel(
+            main_network=unet,
+            scheduler=scheduler,
+            family=self,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            resolution=resolution,
+            source=name,
+            objective=scheduler.config.prediction_type,
+        )
+
+    def null_context(self, network, batch: int, device=None, dtype=torch.float32) -> Context:
+        """One zero token of the cross-attention width."""
+        tokens = torch.zeros(batch, 1, network.config.cross_attention_dim, device=device)
+        return Context(encoder_hidden_states=tokens.to(dtype))
+
+    def predict(self, network, x_t, timesteps, context: Context) -> torch.Tensor:
+        return network(
+            x_t,
+            timesteps,
+            encoder_hidden_states=context.encoder_hidden_states,
+            added_cond_kwargs=context.added_cond_kwargs,
+            return_dict=False,
+        )[0]
+
+    def stock_pipeline(self, model: MainModel, side_network, scheduler):
+        """``StableDiffusionControlNetPipeline`` for latent models with a ControlNet."""
+        if model.is_pixel_space or not isinstance(side_network, ControlNetModel):
+            return None
+        from diffusers import StableDiffusionControlNetPipeline
+
+        return StableDiffusionControlNetPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            unet=model.main_network,
+            controlnet=side_network,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

@@ -3,12 +3,13 @@
 from .decoders import ScoreDecoder
 from .base import Regularizer, RegularizerOutput, StepState
 from .layersync import LayerSync, default_pairs
-from .lisa import LikelihoodScoreAlignment
+from .lisa import LikelihoodScoreAlignment, lisa_for_branch
 
 __all__ = [
     "LayerSync",
     "default_pairs",
     "LikelihoodScoreAlignment",
+    "lisa_for_branch",
     "Regularizer",
     "RegularizerOutput",
     "ScoreDecoder",

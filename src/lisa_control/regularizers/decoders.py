@@ -3,11 +3,14 @@ network's prediction space. LISA trains one beside the side network and drops it
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.hooks import LayerRef
+from ..core.errors import ConfigError
+from ..core.hooks import LayerRef, layout_of
 from ..core.objectives import sinusoidal_embedding
 
 
@@ -39,6 +42,36 @@ class ScoreDecoder(nn.Module):
         # side network is not pushed by a random head.
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    @classmethod
+    def for_layer(
+        cls,
+        network: nn.Module,
+        ref: LayerRef,
+        out_channels: int,
+        sample_size: int,
+        feature_channels: int | None = None,
+        feature_size: int | None = None,
+    ) -> ScoreDecoder:
+        """A decoder for the feature at ``ref`` of ``network`` when the prediction is
+        ``sample_size`` wide; the feature's shape comes from the network's registered layout
+        unless ``feature_channels`` and ``feature_size`` are given."""
+        if feature_channels is None or feature_size is None:
+            shape = layout_of(network).feature_shape
+            if shape is None or not ref.reads_input:
+                raise ConfigError(
+                    f"cannot infer the feature shape at layer {ref.name!r}; pass "
+                    "feature_channels= and feature_size= (the hooked tensor's C and H), or build "
+                    "LISA with lisa_control.lisa_for_branch(branch)."
+                )
+            feature_channels, feature_size = shape(network, ref, sample_size)
+        stages = sample_size / feature_size
+        if stages < 1 or stages != 2 ** round(math.log2(stages)):
+            raise ConfigError(
+                f"layer {ref.name!r} has spatial size {feature_size}, which does not reach "
+                f"sample_size {sample_size} by x2 upsampling; pick another layer."
+            )
+        return cls(feature_channels, out_channels, round(math.log2(stages)))
 
     def forward(self, feature: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         emb = sinusoidal_embedding(timesteps.reshape(-1), self.time_embed_dim)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.hooks import FeatureHook, LayerRef, resolve_layer
+from ..core.hooks import FeatureHook, LayerRef, blocks_in_forward_order, resolve_layer
 from .base import Regularizer, RegularizerOutput, StepState
 
 PAPER_WEIGHT = 0.2
@@ -164,7 +164,7 @@ class LayerSync(Regularizer):
         self.pairs = [LayerPair(s, d, w) for (s, d), w in zip(layer_pairs, weights)]
         self._network_name = type(network).__name__
         # Kept to suggest equal-width pairs if a chosen pair turns out to have unequal widths.
-        self._blocks = _blocks_in_forward_order(network)
+        self._blocks = blocks_in_forward_order(network)
         # One hook per distinct layer, held outside the module tree: the network is not ours.
         clock = itertools.count()
         self._hooks: dict[str, _LayerSyncHook] = {}
@@ -289,7 +289,7 @@ def default_pairs(network: nn.Module) -> str:
       ``tiny_unet()``, ``down_blocks.2->mid_block`` for SD2.1, ``down_blocks.1->down_blocks.2``
       for a tiny ControlNet (which has no up blocks).
     """
-    blocks = _blocks_in_forward_order(network)
+    blocks = blocks_in_forward_order(network)
     candidates = [
         (i, j)
         for i, j in itertools.combinations(range(len(blocks)), 2)
@@ -335,7 +335,7 @@ def _hook_layer(network: nn.Module, spec: str, clock: itertools.count) -> _Layer
     try:
         ref = resolve_layer(network, path)
     except ConfigError as err:
-        blocks = [name for name, _ in _blocks_in_forward_order(network)]
+        blocks = [name for name, _ in blocks_in_forward_order(network)]
         hint = f" Block paths in this network: {', '.join(blocks)}." if blocks else ""
         raise ConfigError(f"LayerSync: {err}{hint}") from None
     if element is not None and ref.reads_input:
@@ -366,44 +366,6 @@ def _depth_index(fraction: float, n_blocks: int) -> int:
     """0-based index of the block at ``fraction`` of the stack, counted as the reference does
     (block 8 of 28 is index 7)."""
     return max(0, math.floor(fraction * n_blocks + 0.5) - 1)
-
-
-def _blocks_in_forward_order(network: nn.Module) -> list[tuple[str, int | None]]:
-    """(layer name, output width) of the network's top-level blocks in the order they run.
-    Widths are read from the config where blocks differ (UNets); None where all blocks share
-    one width (transformers)."""
-    alias_containers = (("block_", "controlnet_blocks"), ("single_", "controlnet_single_blocks"))
-    containers = [(prefix, getattr(network, attr, None)) for prefix, attr in alias_containers]
-    aliases = [
-        (f"{prefix}{k}", None)
-        for prefix, container in containers
-        if isinstance(container, nn.ModuleList)
-        for k in range(len(container))
-    ]
-    if aliases:  # transformer ControlNets: every zero projection reads the same width
-        return aliases
-    for attrs in (("transformer_blocks", "single_transformer_blocks"), ("blocks",)):
-        paths = [
-            f"{attr}.{k}"
-            for attr in attrs
-            if isinstance(getattr(network, attr, None), nn.ModuleList)
-            for k in range(len(getattr(network, attr)))
-        ]
-        if paths:  # transformers: one width throughout
-            return [(p, None) for p in paths]
-    down_blocks = getattr(network, "down_blocks", None)
-    widths = getattr(getattr(network, "config", None), "block_out_channels", None)
-    if not isinstance(down_blocks, nn.ModuleList) or widths is None:
-        return []
-    widths = list(widths)
-    blocks = [(f"down_blocks.{k}", widths[k]) for k in range(len(down_blocks))]
-    if isinstance(getattr(network, "mid_block", None), nn.Module):
-        blocks.append(("mid_block", widths[-1]))
-    up_blocks = getattr(network, "up_blocks", None)
-    if isinstance(up_blocks, nn.ModuleList):
-        reversed_widths = widths[::-1]
-        blocks.extend((f"up_blocks.{k}", reversed_widths[k]) for k in range(len(up_blocks)))
-    return blocks
 
 
 def _equal_width_pairs(

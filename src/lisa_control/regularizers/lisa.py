@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoders import ScoreDecoder, controlnet_feature_shape
+from .decoders import ScoreDecoder
 from ..core.errors import ConfigError
 from ..core.hooks import FeatureHook, default_layer, resolve_layer
 from .base import Regularizer, RegularizerOutput, StepState
@@ -118,7 +118,7 @@ class LikelihoodScoreAlignment(Regularizer):
         self.decoder = (
             decoder
             if decoder is not None
-            else self._unet_decoder(
+            else ScoreDecoder.for_layer(
                 side_network, ref, out_channels, sample_size, feature_channels, feature_size
             )
         )
@@ -127,27 +127,6 @@ class LikelihoodScoreAlignment(Regularizer):
         self._optimizer_check_after = optimizer_check_after
         self._stale_steps = 0
         self._last_version = None
-
-    @staticmethod
-    def _unet_decoder(side_network, ref, out_channels, sample_size, feature_channels, feature_size):
-        layer = ref.name
-        if feature_channels is None or feature_size is None:
-            if not ref.reads_input or not hasattr(side_network, "down_blocks"):
-                raise ConfigError(
-                    f"cannot infer the feature shape at layer {layer!r}; pass "
-                    "feature_channels= and feature_size= (the hooked tensor's C and H), or for "
-                    "transformer side networks use lisa_control.lisa_for_branch(branch)."
-                )
-            feature_channels, feature_size = controlnet_feature_shape(
-                side_network, ref, sample_size
-            )
-        stages = sample_size / feature_size
-        if stages < 1 or stages != 2 ** round(math.log2(stages)):
-            raise ConfigError(
-                f"layer {layer!r} has spatial size {feature_size}, which does not reach "
-                f"sample_size {sample_size} by x2 upsampling; pick another layer."
-            )
-        return ScoreDecoder(feature_channels, out_channels, round(math.log2(stages)))
 
     def remove_hooks(self) -> None:
         self._hook.remove()
@@ -219,3 +198,24 @@ class LikelihoodScoreAlignment(Regularizer):
         if self.final_weight is not None:
             logs["aux_weight"] = aux.new_tensor(weight)  # on aux's device: logs are all-reduced
         return RegularizerOutput(loss=weight * aux, logs=logs)
+
+
+def lisa_for_branch(
+    branch, layer: str | None = None, weight: float = 0.2, sample_size: int | None = None, **kwargs
+) -> LikelihoodScoreAlignment:
+    """A :class:`LikelihoodScoreAlignment` for any branch, its decoder sized by the branch's
+    family (``branch.lisa_decoder``): a :class:`ScoreDecoder` for feature maps (UNet ControlNets,
+    T2I-Adapters), a ``TokenScoreDecoder`` for transformer tokens (SD3, Flux).
+
+    ``layer``: default ``branch.default_lisa_layer()`` (``down_5`` on UNet ControlNets, the middle
+    ``block_k`` on transformers, ``adapter.body.1`` on T2I-Adapters). ``sample_size``: the
+    training resolution of the (latent) sample; default the main network's. ``feature_channels``
+    / ``feature_size`` size the decoder of a module-path layer; other keyword arguments go to
+    :class:`LikelihoodScoreAlignment` (``distance``, ``timestep_range``, ...).
+    """
+    layer = layer or branch.default_lisa_layer()
+    shape = {k: kwargs.pop(k) for k in ("feature_channels", "feature_size") if k in kwargs}
+    decoder = branch.lisa_decoder(layer, sample_size, **shape)
+    return LikelihoodScoreAlignment(
+        branch.side_network, layer=layer, weight=weight, decoder=decoder, **kwargs
+    )

@@ -1,5 +1,4 @@
-"""LISA for transformer side networks: a token decoder, the feature shapes of SD3 / Flux
-ControlNets, and :func:`lisa_for_branch`, which builds a sized LISA regularizer for any branch.
+"""The score decoder of transformer side networks, which LISA trains on tokens.
 
 A transformer ControlNet's zero projection ``controlnet_blocks[k]`` reads the image tokens
 h in R^{B x N x D} after its block k (N = (H/p) (W/p) tokens of p x p patches). The decoder maps
@@ -12,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, ModelError
+from ..core.errors import ModelError
 from ..core.objectives import sinusoidal_embedding
-from .lisa import LikelihoodScoreAlignment
 
 
 def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -92,125 +90,3 @@ class TokenScoreDecoder(nn.Module):
         h = self.norm(tokens.to(self.out.weight.dtype))
         h = h * (1 + scale[:, None]) + shift[:, None]
         return unpatchify(self.out(h), self.grid(tokens.shape[1]), self.patch_size)
-
-
-# ----------------------------------------------------------------------------- feature shapes
-
-
-def transformer_block_counts(side_network: nn.Module) -> tuple[int, int]:
-    """(number of ``controlnet_blocks``, number of ``controlnet_single_blocks``)."""
-    blocks = getattr(side_network, "controlnet_blocks", None) or []
-    singles = getattr(side_network, "controlnet_single_blocks", None) or []
-    return len(blocks), len(singles)
-
-
-def middle_block_layer(side_network: nn.Module) -> str:
-    """The default LISA layer of a transformer ControlNet: the input of the middle zero projection
-    ``block_{n // 2}`` of its n (double) blocks, and ``block_0`` when n is 1 or 2: with two
-    blocks ``n // 2`` would be the last block, whose output only feeds its projection, not a
-    middle layer. Flux ControlNets without double blocks use the middle single block likewise."""
-    blocks, singles = transformer_block_counts(side_network)
-    if blocks:
-        return "block_0" if blocks <= 2 else f"block_{blocks // 2}"
-    if singles:
-        return "single_0" if singles <= 2 else f"single_{singles // 2}"
-    raise ModelError(f"{type(side_network).__name__} has no controlnet_blocks to hook.")
-
-
-def token_feature_dim(side_network: nn.Module, layer: str) -> int:
-    """Width D of the tokens entering zero projection ``layer`` (``block_k`` / ``single_k``)."""
-    blocks, singles = transformer_block_counts(side_network)
-    valid = [f"block_{k}" for k in range(blocks)] + [f"single_{k}" for k in range(singles)]
-    if layer not in valid:
-        raise ConfigError(
-            f"LISA on a transformer side network reads the tokens entering a zero projection; "
-            f"layer {layer!r} is not one. Valid names: {', '.join(valid)}."
-        )
-    kind, index = layer.split("_")
-    container = (
-        side_network.controlnet_blocks if kind == "block" else side_network.controlnet_single_blocks
-    )
-    return container[int(index)].in_features
-
-
-# ----------------------------------------------------------------------------- LISA per family
-
-
-def lisa_for_branch(
-    branch: nn.Module,
-    layer: str | None = None,
-    weight: float = 0.2,
-    sample_size: int | None = None,
-    **kwargs,
-) -> LikelihoodScoreAlignment:
-    """A :class:`LikelihoodScoreAlignment` for ``branch`` with its decoder sized from the configs.
-
-    ``sample_size``: the training resolution of the (latent) sample; default the main network's
-    ``sample_size`` (SD3, UNets), or for Flux, which has none, a square grid inferred per batch.
-    Other keyword arguments go to :class:`LikelihoodScoreAlignment` (``distance``,
-    ``timestep_range``, ...).
-
-    * SD3 / Flux: ``layer`` is ``block_k`` or ``single_k`` (default :func:`middle_block_layer`);
-      a :class:`TokenScoreDecoder` with the side network's width, the patch size (SD3's
-      ``patch_size``; 2 for Flux's packing) and the main network's output channels.
-    * T2I-Adapter: ``layer`` is ``adapter.body.k`` (default ``adapter.body.1``); a ScoreDecoder
-      sized by :func:`~lisa_control.families.t2i_adapter.adapter_feature_shape`.
-    * UNet ControlNet: the standard LISA defaults (``down_5``), sized from the UNet's config.
-    """
-    from ..families.flux import FluxControlNetBranch
-    from ..families.sd3 import SD3ControlNetBranch
-    from ..families.t2i_adapter import (
-        T2IAdapterBranch,
-        adapter_feature_shape,
-        default_adapter_layer,
-    )
-    from ..families.unet import UNetControlNetBranch
-
-    side, main = branch.side_network, branch.main_network
-    if isinstance(branch, (SD3ControlNetBranch, FluxControlNetBranch)):
-        layer = layer or middle_block_layer(side)
-        hidden_dim = token_feature_dim(side, layer)
-        if isinstance(branch, SD3ControlNetBranch):
-            patch_size = main.config.patch_size
-            out_channels = main.out_channels
-            sample_size = sample_size or main.config.sample_size
-        else:
-            patch_size = 2  # the 2x2 packing
-            out_channels = main.out_channels // 4  # packed width -> latent channels
-        decoder = TokenScoreDecoder(
-            hidden_dim,
-            out_channels,
-            patch_size,
-            grid_size=None if sample_size is None else sample_size // patch_size,
-        )
-        return LikelihoodScoreAlignment(side, layer=layer, weight=weight, decoder=decoder, **kwargs)
-    if isinstance(branch, T2IAdapterBranch):
-        layer = layer or default_adapter_layer(side)
-        sample_size = sample_size or main.config.sample_size
-        if "feature_channels" not in kwargs or "feature_size" not in kwargs:
-            channels, size = adapter_feature_shape(
-                side, layer, sample_size, branch.condition_downscale
-            )
-            kwargs.setdefault("feature_channels", channels)
-            kwargs.setdefault("feature_size", size)
-        return LikelihoodScoreAlignment(
-            side,
-            layer=layer,
-            out_channels=main.config.out_channels,
-            sample_size=sample_size,
-            weight=weight,
-            **kwargs,
-        )
-    if isinstance(branch, UNetControlNetBranch):
-        return LikelihoodScoreAlignment(
-            side,
-            layer=layer,
-            out_channels=main.config.out_channels,
-            sample_size=sample_size or main.config.sample_size,
-            weight=weight,
-            **kwargs,
-        )
-    raise ConfigError(
-        f"no LISA recipe for {type(branch).__name__}; build LikelihoodScoreAlignment(side_network, "
-        "layer=..., decoder=...) yourself."
-    )

@@ -8,7 +8,7 @@ hooked module is therefore left uncompiled.
 Shapes are static: the instances of one block class share their code object, so after the
 second instance dynamo would switch to dynamic shapes and generate slower kernels; each
 (instance, shape, grad mode) gets its own graph instead, hence the raised recompile limit.
-On SD2.1 shapes this made a LISA step 28% faster on an H200 (BENCHMARKS.md, section 2).
+Which blocks are heavy comes from each network's registered layout (``core.hooks``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
-
-# Attribute names of the heavy blocks in diffusers' UNets, ControlNets, T2I-Adapters and
-# SD3/Flux transformers. Zero projections and embeddings are cheap and stay eager.
-_BLOCK_LISTS = (
-    "down_blocks",
-    "up_blocks",
-    "transformer_blocks",
-    "single_transformer_blocks",
-)
-_SINGLE_BLOCKS = ("mid_block", "controlnet_cond_embedding")
-
+from ..core.hooks import heavy_blocks
 
 def check_backend(backend: str, flag: str = "--torch_compile_backend") -> None:
     """Refuse a backend name torch.compile does not know, listing the ones it does."""
@@ -43,17 +33,6 @@ def check_backend(backend: str, flag: str = "--torch_compile_backend") -> None:
 
 def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
-
-
-def heavy_blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = []
-    for name in _BLOCK_LISTS:
-        blocks.extend(getattr(model, name, None) or [])
-    for name in _SINGLE_BLOCKS:
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module):
-            blocks.append(module)
-    return blocks
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> dict[str, int]:

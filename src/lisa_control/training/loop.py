@@ -100,7 +100,7 @@ def build_regularizers(cfg: TrainConfig, branch, sample_size: int) -> list:
     regularizers = []
     for name in names:
         if name == "lisa":
-            from ..regularizers.token_decoders import lisa_for_branch
+            from ..regularizers.lisa import lisa_for_branch
 
             regularizers.append(
                 lisa_for_branch(
@@ -181,7 +181,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if model.condition_in_latent_space:
         if condition_channels != 3:
             raise DataError(
-                f"{model.family} ControlNets take the VAE-encoded control image, which must be "
+                f"{model.family.name} ControlNets take the VAE-encoded control image, which must be "
                 f"RGB; the data has {condition_channels}-channel conditions."
             )
         condition_channels = model.vae.config.latent_channels

@@ -22,10 +22,10 @@ from ..core.branch import Context
 from ..families.flux import (
     controlnet_from_transformer as flux_controlnet_from_transformer,
 )
+from ..families.sd3 import NULL_TEXT_TOKENS, null_text_context  # noqa: F401
 from ..families.sd3 import controlnet_from_transformer as sd3_controlnet_from_transformer
 from ..core.errors import ConfigError
 
-NULL_TEXT_TOKENS = 1
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -84,21 +84,6 @@ def tiny_sd3_controlnet(
     with ``SD3ControlNetModel.from_transformer(..., num_extra_conditioning_channels=0)``: the
     condition has the sample's channel count."""
     return sd3_controlnet_from_transformer(transformer, num_layers, extra_conditioning_channels=0)
-
-
-def null_text_context(config, batch_size: int, device=None, dtype=torch.float32) -> Context:
-    """The constant "no text" context of an SD3 or Flux transformer (``config`` is its
-    ``.config``): one zero token of ``joint_attention_dim`` and a zero pooled vector."""
-    return Context(
-        encoder_hidden_states=torch.zeros(
-            batch_size, NULL_TEXT_TOKENS, config["joint_attention_dim"], device=device, dtype=dtype
-        ),
-        extra={
-            "pooled_projections": torch.zeros(
-                batch_size, config["pooled_projection_dim"], device=device, dtype=dtype
-            )
-        },
-    )
 
 
 # ----------------------------------------------------------------------------- Flux

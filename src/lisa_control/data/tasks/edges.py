@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import painting, register_task
+from . import painting
+from .registry import register_task
 from .base import ProceduralTask, TaskSample, check_batch, to_pixels
 
 EDGE_THRESHOLD = 48.0  # RGB distance between neighbours that counts as an edge, 0..255 scale

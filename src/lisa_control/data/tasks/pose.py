@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import painting, register_task
+from . import painting
+from .registry import register_task
 from .base import ProceduralTask, TaskSample, check_batch, to_pixels
 
 JOINTS = (

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import painting, register_task
+from . import painting
+from .registry import register_task
 from .base import ProceduralTask, TaskSample, check_batch, to_pixels
 
 UNKNOWN = -1  # label of a pixel that looks like no class; it is wrong for every class

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import painting, register_task
+from . import painting
+from .registry import register_task
 from .base import ProceduralTask, TaskSample, check_batch, stack_images, to_pixels
 
 FACTOR = 4

@@ -1,0 +1,180 @@
+"""The ``Family`` interface: everything that differs between main-network families.
+
+A family is one file in this folder: a :class:`Family` subclass (loading, contexts, objective,
+inference schedule, stock pipeline), the :class:`~lisa_control.core.branch.DualBranch` of each
+side network it takes, and the :class:`~lisa_control.core.hooks.NetworkLayout` of its network
+classes. Code outside ``families/`` asks a :class:`MainModel` for its ``family`` and calls these
+methods; it never tests which family it holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..core.branch import Context, DualBranch
+from ..core.errors import ConfigError, ModelError
+
+
+class Family:
+    """One kind of main network (``unet``, ``sd3``, ``flux``, ...), with the side networks it takes.
+
+    Class attributes:
+        name: the registry key, written into pixel-model folders (``lisa_model.json``).
+        network_class: the diffusers class of the main network.
+        network_folder: the sub-folder holding that network in a model folder.
+        scheduler_class: the training scheduler of pixel-space models of this family.
+        pipeline_prefixes: ``model_index.json`` ``_class_name`` prefixes this family loads.
+        side_networks: ``--side_network`` kind -> the branch that pairs it with this family.
+        condition_in_latent_space: with a VAE, the side network takes the VAE-encoded control
+            image (SD3, Flux) instead of encoding the image itself (UNet ControlNet).
+        packed_channels: the main network takes ``packed_channels`` times the sample's channels
+            (Flux packs 2x2 patches into tokens).
+        pretrain_architecture: the ``lisa pretrain --architecture`` that builds this family.
+    """
+
+    name: ClassVar[str]
+    network_class: ClassVar[type[nn.Module]]
+    network_folder: ClassVar[str] = "unet"
+    scheduler_class: ClassVar[type]
+    pipeline_prefixes: ClassVar[tuple[str, ...]] = ()
+    side_networks: ClassVar[dict[str, type[DualBranch]]] = {}
+    condition_in_latent_space: ClassVar[bool] = False
+    packed_channels: ClassVar[int] = 1
+    pretrain_architecture: ClassVar[str | None] = None
+    default_objective: ClassVar[str] = "epsilon"
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # ------------------------------------------------------------------ loading
+
+    def load_pipeline(self, name: str, revision=None, variant=None, allow_pickle=False):
+        """A :class:`MainModel` from a diffusers folder or hub id of this family."""
+        raise ModelError(f"the {self.name} family loads only `lisa pretrain` folders.")
+
+    def branch(self, side_network: str = "controlnet") -> type[DualBranch]:
+        """The branch for a side network of kind ``side_network`` on this family."""
+        if side_network not in self.side_networks:
+            raise ConfigError(
+                f"no {side_network!r} side network for a {self.name!r} main network; this family "
+                f"takes --side_network {' or '.join(sorted(self.side_networks)) or '(none)'}."
+            )
+        return self.side_networks[side_network]
+
+    # ------------------------------------------------------------------ contexts
+
+    def null_context(self, network: nn.Module, batch: int, device=None, dtype=torch.float32):
+        """The constant context of a model trained without text."""
+        raise NotImplementedError
+
+    def predict(self, network: nn.Module, x_t, timesteps, context: Context) -> torch.Tensor:
+        """The main network's own prediction (no side network)."""
+        raise NotImplementedError
+
+    def encode_prompts(self, pipeline, captions: list[str], device) -> Context:
+        """Prompt contexts through a diffusers pipeline's own ``encode_prompt``, for families
+        whose context is more than one text encoder's hidden states."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ objective
+
+    def training_objective(self, model: MainModel, name: str, timestep_sampler=None):
+        """The objective ``name`` (``epsilon``, ``v_prediction``, ``flow``) over this model."""
+        from ..core.objectives import make_objective
+
+        return make_objective(
+            name,
+            scheduler=None if name == "flow" else model.scheduler,
+            timestep_sampler=timestep_sampler if name != "flow" else None,
+        )
+
+    # ------------------------------------------------------------------ inference
+
+    def inference_schedule(self, model: MainModel, scheduler, height: int, width: int, steps):
+        """``(scheduler, set_timesteps keyword arguments)`` for sampling ``height x width``
+        latents in ``steps`` steps; ``None`` keywords use the scheduler's own spacing."""
+        return scheduler, None
+
+    def guidance(self, model: MainModel, guidance_scale: float | None):
+        """``(classifier-free guidance scale, guidance embedded in the network or None)`` for a
+        user's ``--guidance_scale`` (``None``: the family's default)."""
+        if not model.has_text:
+            return 1.0, None
+        return (7.5 if guidance_scale is None else guidance_scale), None
+
+    def stock_pipeline(self, model: MainModel, side_network: nn.Module, scheduler):
+        """diffusers' own pipeline for this model and side network, or ``None`` where the
+        project's sampler is the reference."""
+        return None
+
+
+@dataclass
+class MainModel:
+    """The frozen parts of a model, its family, and what the trainer must know about them."""
+
+    main_network: nn.Module
+    scheduler: object
+    family: Family
+    vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
+    tokenizer: object | None = None
+    resolution: int = 512
+    task: str | None = None
+    source: str = ""
+    objective: str = "epsilon"  # "epsilon", "v_prediction" or "flow"
+    # Text conditioning through a pipeline's own encode_prompt (SD3's two CLIPs and T5, Flux's
+    # CLIP and T5), for families whose context is more than one text encoder's hidden states.
+    prompt_encoder: object | None = None
+
+    @property
+    def is_pixel_space(self) -> bool:
+        return self.vae is None
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_encoder is not None or self.prompt_encoder is not None
+
+    @property
+    def condition_in_latent_space(self) -> bool:
+        """Whether the side network takes the VAE latent of the control image."""
+        return self.vae is not None and self.family.condition_in_latent_space
+
+    def training_objective(self, prediction_type: str | None = None, timestep_sampler=None):
+        """The objective the model was trained with, or ``prediction_type``."""
+        return self.family.training_objective(
+            self, prediction_type or self.objective, timestep_sampler
+        )
+
+    @property
+    def sample_channels(self) -> int:
+        """Channels of the image-shaped sample the objective noises."""
+        return self.main_network.config.in_channels // self.family.packed_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sizes must be multiples of this: the main network halves its input three
+        times, after the VAE's own down-sampling."""
+        return 8 * self.vae_scale_factor
+
+    def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
+        """Refuse a size this model cannot take, naming the multiple it needs."""
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+            raise ConfigError(f"{flag} must be a positive integer, got {resolution!r}.")
+        if resolution % self.resolution_multiple:
+            raise ConfigError(
+                f"{flag} {resolution} does not fit this model: give a positive multiple of "
+                f"{self.resolution_multiple}, the model's down-sampling factor."
+            )
+
+    def null_context(self, batch: int, device=None, dtype=torch.float32) -> Context:
+        return self.family.null_context(self.main_network, batch, device, dtype)
