@@ -117,23 +117,9 @@ def test_wheel_ships_every_python_module(wheel):
 # Run with ``python -I`` (no PYTHONPATH, no script dir, no user site) from a folder outside the
 # repository; prints where everything came from so the test can check it is the installed copy.
 _LOAD_SCRIPT = r"""
-import importlib, json, sysconfig
+import json, sysconfig
 import lisa_control
-
-errors = []
-for module in (
-    "lisa_control.loading",
-    "lisa_control.families.loading",
-    "lisa_control.families",
-    "lisa_control.training.build",
-):
-    try:
-        load_main_model = importlib.import_module(module).load_main_model
-        break
-    except (ImportError, AttributeError) as exc:
-        errors.append(f"{module}: {exc!r}")
-else:
-    raise ImportError("no load_main_model in lisa_control: " + "; ".join(errors))
+from lisa_control.families.loading import load_main_model
 
 model = load_main_model("embedded:pose")
 print(json.dumps({
