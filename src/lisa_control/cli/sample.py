@@ -50,7 +50,7 @@ def generate(args) -> Path:
     from ..families import branch_class
     from ..data.images import load_image, to_condition_tensor
     from ..families.loading import load_main_model, load_side_network
-    from ..eval.validation import image_grid, to_uint8
+    from ..eval.images import image_grid, to_uint8
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_main_model(
@@ -96,7 +96,8 @@ def _branch_samples(args, model, branch, prompts, conditions, generator, device)
     """uint8 images, one (N, H, W, 3) array per ``--num_images``, through ``sampling.sample``."""
     from ..families.encoders import FrozenEncoders
     from ..eval.sampling import decode, init_noise_sigma, sample
-    from ..eval.validation import inference_schedule, to_uint8
+    from ..eval.images import to_uint8
+    from ..eval.validation import inference_schedule
 
     encoders = FrozenEncoders(model, device)
     size = conditions.shape[-1] // model.vae_scale_factor
