@@ -162,7 +162,9 @@ class PreconditionedFlowObjective(RectifiedFlowObjective):
         if self.precondition_outputs:
             x_t = batch.x_t.float()
             prediction = x_t - s * prediction  # x0-hat
-            target = x_t - s * target  # = x0 exactly: x_s - s (eps - x0)
+            # x0, up to the rounding of x_t to the network's dtype, which cancels in the
+            # difference: the loss is s^2 times the velocity error either way.
+            target = x_t - s * target
         per_sample = (weighting * (prediction - target) ** 2).reshape(target.shape[0], -1).mean(1)
         return per_sample.mean()
 

@@ -1,0 +1,103 @@
+"""Fidelity to the LISA authors' recipe: noising in fp32 under mixed precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lisa_control.branches.sd3_controlnet import PreconditionedFlowObjective
+from lisa_control.objectives import DiffusionObjective, RectifiedFlowObjective
+
+# ----------------------------------------------------------------------------- fp32 noising
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+SHAPE = (4, 4, 32, 32)  # one sample per timestep
+
+
+def sd_scheduler(prediction_type: str) -> DDPMScheduler:
+    """Stable Diffusion's training schedule (scaled-linear betas 0.00085 .. 0.012)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+    )
+
+
+def noise_level(x_t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per sample, the c minimising ||x_t - c noise||^2 (in float64): the noise level that x_t
+    of a zero clean sample carries. Averaging over many elements cancels the rounding of x_t to
+    a low-precision dtype, since the fp32 noise does not share its grid."""
+    x, n = x_t.double().flatten(1), noise.double().flatten(1)
+    return (x * n).sum(1) / (n * n).sum(1)
+
+
+def assert_relative(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-3):
+    error = ((actual - expected).abs() / expected.abs()).max().item()
+    assert error <= tol, (actual.tolist(), expected.tolist(), error)
+
+
+def draws(dtype):
+    """A clean sample in ``dtype`` and fp32 noise, as the objectives draw it."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(SHAPE, generator=g).to(dtype), torch.randn(SHAPE, generator=g)
+
+
+def column(values: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_diffusion_noising_keeps_fp32_noise_levels_in_low_precision(prediction_type, dtype):
+    """Under autocast and with a bf16/fp16 clean sample, sigma_t read back from x_t at
+    t = 0, 1, 5, 10 is the fp32 schedule's (bf16 arithmetic gives 0 at t = 0 and 1), x_t is the
+    fp32 formula rounded once to the input dtype, and the target is fp32."""
+    scheduler = sd_scheduler(prediction_type)
+    objective = DiffusionObjective(scheduler, prediction_type)
+    t = torch.tensor([0, 1, 5, 10])
+    x0, noise = draws(dtype)
+    zeros = torch.zeros(SHAPE, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = torch.Generator().manual_seed(1)
+        only_noise = objective.sample(zeros, generator=g, timesteps=t)
+        both = objective.sample(x0, noise=noise, timesteps=t)
+    assert only_noise.x_t.dtype == dtype and only_noise.noise.dtype == torch.float32
+    sigma = (1 - scheduler.alphas_cumprod.double()[t]).sqrt()
+    assert_relative(noise_level(only_noise.x_t, only_noise.noise), sigma)
+
+    abar = scheduler.alphas_cumprod[t]  # fp32, as diffusers' add_noise reads it
+    alpha_32, sigma_32 = column(abar**0.5), column((1 - abar) ** 0.5)
+    x_t_32 = alpha_32 * x0.float() + sigma_32 * noise
+    assert both.x_t.dtype == dtype and torch.equal(both.x_t, x_t_32.to(dtype))
+    assert both.target.dtype == torch.float32
+    if prediction_type == "epsilon":
+        expected = noise
+    else:
+        expected = alpha_32 * noise - sigma_32 * x0.float()
+    torch.testing.assert_close(both.target, expected)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_flow_noising_keeps_fp32_noise_levels_in_low_precision(dtype):
+    """x_s = (1 - s) x0 + s eps: at small, middle and large s, s read back from x_s is exact to
+    1e-3 and x_s is the fp32 formula rounded once (bf16 arithmetic rounds s = 0.9991 to 1, so
+    1 - s would be 0), for rectified flow and SD3's preconditioned recipe; targets are fp32."""
+    x0, noise = draws(dtype)
+    zeros = torch.zeros(SHAPE, dtype=dtype)
+    sd3 = PreconditionedFlowObjective(weighting_scheme="logit_normal", shift=3.0)
+    given = torch.tensor([3.7, 250.3, 512.9, 999.1])
+    for objective, timesteps in ((RectifiedFlowObjective(), given), (sd3, None)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g = torch.Generator().manual_seed(1)
+            only_noise = objective.sample(zeros, generator=g, timesteps=timesteps)
+            both = objective.sample(x0, noise=noise, timesteps=only_noise.timesteps)
+        s_32 = column(only_noise.timesteps.float() / 1000)
+        assert only_noise.x_t.dtype == dtype and only_noise.noise.dtype == torch.float32
+        assert_relative(noise_level(only_noise.x_t, only_noise.noise), s_32.double().flatten())
+        x_s_32 = (1 - s_32) * x0.float() + s_32 * noise
+        assert both.x_t.dtype == dtype and torch.equal(both.x_t, x_s_32.to(dtype))
+        assert both.target.dtype == torch.float32
+        torch.testing.assert_close(both.target, noise - x0.float())
