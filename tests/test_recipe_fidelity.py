@@ -1,4 +1,5 @@
-"""Fidelity to the LISA authors' recipe: noising in fp32 under mixed precision."""
+"""Fidelity to the LISA authors' recipe: noising in fp32 under mixed precision and
+the decoder's kernel rule."""
 
 from __future__ import annotations
 
@@ -101,3 +102,49 @@ def test_flow_noising_keeps_fp32_noise_levels_in_low_precision(dtype):
         assert both.x_t.dtype == dtype and torch.equal(both.x_t, x_s_32.to(dtype))
         assert both.target.dtype == torch.float32
         torch.testing.assert_close(both.target, noise - x0.float())
+
+
+# ----------------------------------------------------------------------------- decoder rule
+
+
+def rule_parameter_count(channels: int, stages: int, out_channels: int = 4) -> int:
+    """Parameters of the LISA decoder by its rule, counted by hand: Linear(256, C); per x2 stage
+    a conv c -> max(c/2, 64) (1x1 for the first stage when C >= 512, else 3x3); one 3x3 conv
+    when there is no stage; a last 3x3 conv to the output channels."""
+    count = 256 * channels + channels
+    width = channels
+    for stage in range(max(stages, 1)):
+        narrower = max(width // 2, 64)
+        kernel = 1 if stage == 0 and stages > 0 and channels >= 512 else 3
+        count += width * narrower * kernel * kernel + narrower
+        width = narrower
+    return count + width * out_channels * 3 * 3 + out_channels
+
+
+def test_decoder_uses_a_1x1_conv_only_in_its_first_stage_on_sd21():
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from lisa_control.decoders import ScoreDecoder
+    from lisa_control.model_configs import SD21_BASE_UNET
+    from lisa_control.regularizers.lisa import LikelihoodScoreAlignment
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SD21_BASE_UNET)
+        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    # (layer, channels, spatial size at 512 px -> stages to the 64x64 latent, count by hand)
+    cases = [
+        ("down_5", 640, 1, 381_124),
+        ("down_8", 1280, 2, 3_003_844),
+        ("mid", 1280, 3, 3_459_044),
+    ]
+    for layer, channels, stages, count in cases:
+        assert rule_parameter_count(channels, stages) == count
+        lisa = LikelihoodScoreAlignment(controlnet, layer=layer, out_channels=4, sample_size=64)
+        assert sum(p.numel() for p in lisa.parameters()) == count, layer
+        convs = [m for m in lisa.decoder.body if isinstance(m, torch.nn.Conv2d)]
+        assert [c.kernel_size[0] for c in convs] == [1] + [3] * (stages - 1), layer
+    # No stage (the feature is already at the output size): one 3x3 conv, wide feature or not.
+    decoder = ScoreDecoder(640, 4, upsample_stages=0)
+    assert decoder.body[0].kernel_size == (3, 3)
+    assert sum(p.numel() for p in decoder.parameters()) == rule_parameter_count(640, 0)
