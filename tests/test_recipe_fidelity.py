@@ -1,13 +1,21 @@
-"""Fidelity to the LISA authors' recipe: noising in fp32 under mixed precision and
-the decoder's kernel rule."""
+"""Fidelity to the LISA authors' recipe: noising in fp32 under mixed precision, the decoder's
+kernel rule, and fp16 gradient overflow left to the grad scaler."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from factories import make_pixel_model
+from PIL import Image
 
 from lisa_control.branches.sd3_controlnet import PreconditionedFlowObjective
+from lisa_control.config import make_config
+from lisa_control.errors import NonFiniteLossError
 from lisa_control.objectives import DiffusionObjective, RectifiedFlowObjective
 
 # ----------------------------------------------------------------------------- fp32 noising
@@ -148,3 +156,179 @@ def test_decoder_uses_a_1x1_conv_only_in_its_first_stage_on_sd21():
     decoder = ScoreDecoder(640, 4, upsample_stages=0)
     assert decoder.body[0].kernel_size == (3, 3)
     assert sum(p.numel() for p in decoder.parameters()) == rule_parameter_count(640, 0)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fidelity")
+    return make_pixel_model(root / "model"), make_caption_folder(root / "data")
+
+
+def make_caption_folder(folder: Path, n: int = 8, size: int = 16) -> Path:
+    """Images with one caption (even items) or a list of three (odd items)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    lines = []
+    for k in range(n):
+        img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(img).save(folder / f"img{k}.png")
+        Image.fromarray(255 - img).save(folder / f"cond{k}.png")
+        text = f"item {k}" if k % 2 == 0 else [f"item {k} take {j}" for j in range(3)]
+        lines.append({"image": f"img{k}.png", "conditioning_image": f"cond{k}.png", "text": text})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder
+
+
+def config(model, data, out, **overrides):
+    values = dict(
+        pretrained_model_name_or_path=str(model),
+        train_data_dir=str(data),
+        resolution=16,
+        train_batch_size=2,
+        max_train_steps=4,
+        checkpointing_steps=2,
+        validation_steps=1000,
+        report_to="none",
+        output_dir=str(out),
+        progress=False,
+        device="cpu",
+        seed=0,
+    )
+    return make_config(values | overrides)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "loss_log.jsonl").read_text().splitlines()]
+
+
+def scaled_accelerator(monkeypatch, device: str, init_scale: float):
+    """Make train()'s Accelerator use a GradScaler of ``init_scale`` whose first overflow drops
+    the scale to init_scale * 2^-50. accelerate gives CPU runs no scaler (nor autocast) under
+    fp16, so there one is installed, with autocast, exactly as accelerate does on a GPU."""
+    import accelerate
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.state.mixed_precision == "fp16":
+                self.native_amp = True
+                self.scaler = torch.amp.GradScaler(
+                    device, init_scale=init_scale, backoff_factor=2.0**-50
+                )
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+
+
+def optimizer_updates(checkpoint: Path) -> int:
+    """How many times AdamW updated the parameters before ``checkpoint`` was written."""
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]
+    return int(next(iter(state.values()))["step"])
+
+
+def check_overflow_skipped(out: Path, result):
+    assert result.global_step == 4
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["skipped_steps"] for r in log] == [1, 1, 1, 1]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    # Step 1 overflowed and changed nothing; every later step updated the weights.
+    assert optimizer_updates(out / "checkpoint-2") == 1
+    assert optimizer_updates(out / "checkpoint-4") == 3
+    assert (out / "controlnet").is_dir()
+
+
+def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler(assets, tmp_path, monkeypatch):
+    """Under fp16 a gradient overflow (forced by a 2^60 initial loss scale: the fp16 backward
+    overflows) is not an error: the scaler skips that update, lowers its scale, training goes on
+    and the loss log counts the skip; also with --on_nonfinite skip."""
+    from lisa_control.train import train
+
+    model, data = assets
+    scaled_accelerator(monkeypatch, "cpu", init_scale=2.0**60)
+    for policy in ("stop", "skip"):
+        out = tmp_path / policy
+        result = train(config(model, data, out, mixed_precision="fp16", on_nonfinite=policy))
+        check_overflow_skipped(out, result)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for real fp16")
+def test_fp16_gradient_overflow_is_skipped_on_a_gpu(assets, tmp_path, monkeypatch):
+    """The same on a GPU, with accelerate's own fp16 autocast and a CUDA GradScaler."""
+    from lisa_control.train import train
+
+    model, data = assets
+    scaled_accelerator(monkeypatch, "cuda", init_scale=2.0**60)
+    out = tmp_path / "gpu"
+    result = train(config(model, data, out, mixed_precision="fp16", device="cuda"))
+    check_overflow_skipped(out, result)
+
+
+def poison_encoder(monkeypatch, at_call: int):
+    """The ``at_call``-th encoded batch has NaN latents: a non-finite loss."""
+    from lisa_control import encoders
+
+    original, calls = encoders.FrozenEncoders.encode, {"n": 0}
+
+    def encode(self, batch):
+        x0, context, condition = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            x0 = torch.full_like(x0, float("nan"))
+        return x0, context, condition
+
+    monkeypatch.setattr(encoders.FrozenEncoders, "encode", encode)
+
+
+def test_fp16_nonfinite_loss_still_stops_with_the_last_checkpoint_intact(
+    assets, tmp_path, monkeypatch
+):
+    from lisa_control.checkpoint import list_checkpoints
+    from lisa_control.train import train
+
+    model, data = assets
+    scaled_accelerator(monkeypatch, "cpu", init_scale=2.0**10)
+    poison_encoder(monkeypatch, at_call=3)
+    out = tmp_path / "nan"
+    cfg = config(model, data, out, mixed_precision="fp16", checkpointing_steps=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+        train(cfg)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "controlnet").exists()
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_fp32_nonfinite_gradient_still_stops(assets, tmp_path, monkeypatch):
+    """Without a grad scaler (fp32, and likewise bf16) a non-finite gradient stays an error."""
+    from lisa_control.checkpoint import list_checkpoints
+    from lisa_control.step import ControlTrainingStep
+    from lisa_control.train import train
+
+    model, data = assets
+    original, calls = ControlTrainingStep.forward, {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out.loss = _InfiniteGradient.apply(out.loss)
+        return out
+
+    monkeypatch.setattr(ControlTrainingStep, "forward", forward)
+    out = tmp_path / "inf"
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient at step 2"):
+        train(config(model, data, out, checkpointing_steps=1))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
