@@ -1,16 +1,18 @@
-"""Fidelity to the LISA authors' recipe: noising in fp32 under mixed precision, the decoder's
-kernel rule, and fp16 gradient overflow left to the grad scaler."""
+"""Fidelity to the LISA authors' recipe: noising in fp32 under mixed precision, fp16 gradient
+overflow left to the grad scaler, the decoder's kernel rule, and caption choices drawn afresh at
+every visit yet repeated exactly by a resumed run."""
 
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from factories import make_pixel_model
+from factories import make_pixel_model, make_sd_model
 from PIL import Image
 
 from lisa_control.branches.sd3_controlnet import PreconditionedFlowObjective
@@ -332,3 +334,98 @@ def test_fp32_nonfinite_gradient_still_stops(assets, tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match="non-finite gradient at step 2"):
         train(config(model, data, out, checkpointing_steps=1))
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def test_caption_choices_are_drawn_afresh_every_epoch(assets):
+    from lisa_control.data.folder import ControlDataset
+
+    _, data = assets
+    p, epochs = 0.3, 150
+    dataset = ControlDataset(data, resolution=16, proportion_empty_prompts=p, seed=3)
+    captions = [[dataset[(e, i)]["caption"] for e in range(epochs)] for i in range(len(dataset))]
+    empty = np.array([[c == "" for c in row] for row in captions])
+    n = empty.size
+    assert abs(empty.mean() - p) <= 4 * np.sqrt(p * (1 - p) / n)
+    # Every item is captionless in some epochs and captioned in others.
+    assert empty.any(axis=1).all() and (~empty).any(axis=1).all()
+    # Items with several captions use each of them, about equally often.
+    for i in range(1, len(dataset), 2):
+        used = [c for c in captions[i] if c]
+        shares = np.array([used.count(f"item {i} take {j}") for j in range(3)]) / len(used)
+        assert abs(shares - 1 / 3).max() <= 4 * np.sqrt(2 / 9 / len(used)), (i, shares)
+    # A plain index reads epoch 0; the draws depend on the seed.
+    assert [dataset[i]["caption"] for i in range(8)] == [row[0] for row in captions]
+    other = ControlDataset(data, resolution=16, proportion_empty_prompts=p, seed=4)
+    assert [other[(e, 1)]["caption"] for e in range(epochs)] != captions[1]
+
+
+def record_captions(monkeypatch) -> list[list[str]]:
+    from lisa_control import encoders
+
+    original, seen = encoders.FrozenEncoders.encode, []
+
+    def encode(self, batch):
+        seen.append(list(batch["caption"]))
+        return original(self, batch)
+
+    monkeypatch.setattr(encoders.FrozenEncoders, "encode", encode)
+    return seen
+
+
+def test_resumed_run_repeats_the_captions_of_the_unbroken_run(assets, tmp_path, monkeypatch):
+    """Six steps over 4-batch epochs: the trainer reads the keys of the resumable order, and a
+    run resumed at step 3 sees exactly the captions the unbroken run saw at steps 4 to 6."""
+    from lisa_control.data.folder import ControlDataset
+    from lisa_control.data.sampler import ResumableBatchOrder
+    from lisa_control.train import train
+
+    model, data = assets
+    settings = dict(proportion_empty_prompts=0.5, max_train_steps=6, checkpointing_steps=3)
+    seen = record_captions(monkeypatch)
+    train(config(model, data, tmp_path / "unbroken", **settings))
+    unbroken = list(seen)
+
+    dataset = ControlDataset(data, resolution=16, proportion_empty_prompts=0.5, seed=0)
+    keys = islice(ResumableBatchOrder(len(dataset), 2, seed=0).batch_keys(), 6)
+    assert unbroken == [[dataset[k]["caption"] for k in batch] for batch in keys]
+    assert len({c for batch in unbroken for c in batch}) > 4  # empty, single and listed captions
+
+    out = tmp_path / "broken"
+    seen.clear()
+    train(config(model, data, out, **settings | dict(max_train_steps=3)))
+    seen.clear()
+    train(config(model, data, out, **settings, resume_from_checkpoint="latest"))
+    assert seen == unbroken[3:]
+    assert [r["loss"] for r in read_log(out)] == pytest.approx(
+        [r["loss"] for r in read_log(tmp_path / "unbroken")], abs=1e-6
+    )
+
+
+def test_cached_prompts_follow_the_caption_drawn_at_each_visit(tmp_path):
+    """--cache_latents keeps one latent per item, but the text context of the caption each
+    visit drew (here an item first captioned, then captionless)."""
+    from lisa_control.encoders import FrozenEncoders
+    from lisa_control.loading import load_main_model
+
+    model = load_main_model(str(make_sd_model(tmp_path / "sd")))
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+
+    def batch(captions):
+        return {
+            "pixel_values": pixels,
+            "conditioning_pixel_values": torch.rand(2, 3, 64, 64),
+            "caption": captions,
+            "index": torch.tensor([3, 5]),
+        }
+
+    cached, fresh = FrozenEncoders(model, "cpu", cache=True), FrozenEncoders(model, "cpu")
+    x_a, ctx_a, _ = cached.encode(batch(["a b", "c"]))
+    x_b, ctx_b, _ = cached.encode(batch(["", "c"]))
+    assert torch.equal(x_a, x_b)  # the item's latent is reused
+    expected = fresh.prompt_context(["", "c"]).encoder_hidden_states
+    torch.testing.assert_close(ctx_b.encoder_hidden_states, expected)
+    assert not torch.allclose(ctx_a.encoder_hidden_states[0], ctx_b.encoder_hidden_states[0])
+    assert torch.equal(ctx_a.encoder_hidden_states[1], ctx_b.encoder_hidden_states[1])

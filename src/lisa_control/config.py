@@ -180,7 +180,8 @@ _HELP = {
     "on_nonfinite": "on a NaN/Inf loss, or gradient under bf16/fp32 (fp16 overflows are the "
     "grad scaler's): stop (default) or skip the step",
     "config": "YAML or TOML file with the same keys as the flags",
-    "cache_latents": "encode images and captions once and keep them in memory",
+    "cache_latents": "encode each item's image and each caption text once and keep them in "
+    "memory",
     "validation_feature_distance": "with --task: also score validation samples by a Fréchet "
     "distance on features of a small network trained on the task's renders (not Inception FID)",
 }

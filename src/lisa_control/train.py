@@ -133,8 +133,8 @@ class _Batches(Sampler):
         self.order, self.start = order, start
 
     def __iter__(self):
-        for _, indices in self.order.batches(self.start):
-            yield indices
+        # (epoch, index) keys: datasets draw per-visit caption choices from the epoch.
+        yield from self.order.batch_keys(self.start)
 
 
 def _nonfinite_terms(logs: dict[str, torch.Tensor]) -> list[str]:
