@@ -22,6 +22,11 @@ and the prior prediction is a rescaled likelihood score:
     rectified flow:  u_cond   - u_prior   = -(s / (1 - s))       grad log p(c | x_s)
 
 LISA regresses exactly that residual (see ``regularizers.lisa``).
+
+Precision: ``sample`` forms x_t and the target in fp32, from fp32 coefficients, fp32 noise and
+the clean sample upcast to fp32, as diffusers' training scripts do; only x_t is then cast back
+to the clean sample's dtype for the network. The target stays fp32 for the loss. (Computing in
+bf16 would round alpha_t and sigma_t: sigma_t = 0 at t = 0 and 1 for SD's schedule.)
 """
 
 from __future__ import annotations
@@ -137,23 +142,30 @@ class DiffusionObjective(Objective):
         )
 
     def alpha_sigma(self, timesteps: torch.Tensor, like: torch.Tensor):
-        abar = self.scheduler.alphas_cumprod.to(like.device)[timesteps.to(like.device)]
+        """(alpha_t, sigma_t) in fp32, shaped to broadcast against ``like``."""
+        abar = self.scheduler.alphas_cumprod.to(like.device, torch.float32)
+        abar = abar[timesteps.to(like.device)]
         return _broadcast(abar.sqrt(), like), _broadcast((1 - abar).sqrt(), like)
 
     def sample(self, x0, generator=None, noise=None, timesteps=None) -> NoisedBatch:
+        """x_t in ``x0``'s dtype, computed in fp32; ``noise`` and ``target`` in fp32."""
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = torch.randn(
+                x0.shape, generator=generator, device=x0.device, dtype=torch.float32
+            )
         if timesteps is None:
             timesteps = self.timestep_sampler(
                 x0.shape[0], self.num_timesteps, generator=generator, device=x0.device
             )
         timesteps = timesteps.long()
-        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        # diffusers' add_noise and get_velocity cast alphas_cumprod to their inputs' dtype.
+        x0_32, noise = x0.float(), noise.float()
+        x_t = self.scheduler.add_noise(x0_32, noise, timesteps)
         if self.prediction_type == "epsilon":
             target = noise
         else:
-            target = self.scheduler.get_velocity(x0, noise, timesteps)
-        return NoisedBatch(x_t=x_t, timesteps=timesteps, noise=noise, target=target)
+            target = self.scheduler.get_velocity(x0_32, noise, timesteps)
+        return NoisedBatch(x_t=x_t.to(x0.dtype), timesteps=timesteps, noise=noise, target=target)
 
     def predicted_noise(self, prediction, x_t, timesteps):
         if self.prediction_type == "epsilon":
@@ -191,8 +203,11 @@ class RectifiedFlowObjective(Objective):
         return _broadcast(timesteps.float() / self.num_timesteps, like)
 
     def sample(self, x0, generator=None, noise=None, timesteps=None) -> NoisedBatch:
+        """x_s in ``x0``'s dtype, computed in fp32; ``noise`` and ``target`` in fp32."""
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = torch.randn(
+                x0.shape, generator=generator, device=x0.device, dtype=torch.float32
+            )
         if timesteps is None:
             # Continuous s drawn through the integer sampler's law, then jittered so s covers
             # (0, 1) rather than a grid.
@@ -201,9 +216,12 @@ class RectifiedFlowObjective(Objective):
             ).float()
             jitter = torch.rand(x0.shape[0], generator=generator, device=x0.device)
             timesteps = (steps + jitter).clamp_(1e-3, self.num_timesteps - 1e-3)
-        s = self.sigmas(timesteps, x0).to(x0.dtype)
-        x_t = (1 - s) * x0 + s * noise
-        return NoisedBatch(x_t=x_t, timesteps=timesteps, noise=noise, target=noise - x0)
+        x0_32, noise = x0.float(), noise.float()
+        s = self.sigmas(timesteps, x0_32)
+        x_t = (1 - s) * x0_32 + s * noise
+        return NoisedBatch(
+            x_t=x_t.to(x0.dtype), timesteps=timesteps, noise=noise, target=noise - x0_32
+        )
 
     def score(self, prediction, x_t, timesteps):
         s = self.sigmas(timesteps, x_t).clamp_min(1e-4)
@@ -340,6 +358,8 @@ class PreconditionedFlowObjective(RectifiedFlowObjective):
         if self.precondition_outputs:
             x_t = batch.x_t.float()
             prediction = x_t - s * prediction  # x0-hat
-            target = x_t - s * target  # = x0 exactly: x_s - s (eps - x0)
+            # x0, up to the rounding of x_t to the network's dtype, which cancels in the
+            # difference: the loss is s^2 times the velocity error either way.
+            target = x_t - s * target
         per_sample = (weighting * (prediction - target) ** 2).reshape(target.shape[0], -1).mean(1)
         return per_sample.mean()

@@ -17,9 +17,12 @@ with relative paths resolved against the folder. Anything else is handed to the 
 ``datasets`` package: a hub name such as ``fusing/fill50k``, a folder written by
 ``Dataset.save_to_disk``, or a folder of parquet / arrow files.
 
-Random choices (empty prompts, which of several captions, random crops) are drawn from a
-generator seeded by (seed, index, purpose): an item is the same every time it is read, in any
-DataLoader worker, so a resumed run and a latent cache see exactly what an unbroken run saw.
+Random choices are drawn from generators seeded by the dataset seed, the key and the purpose, so
+they are the same in any DataLoader worker and in a resumed run. Caption choices (an empty prompt,
+which of several captions) are drawn per visit, from (seed, epoch, index): the trainer reads
+``dataset[(epoch, index)]`` (see ``sampler.ResumableBatchOrder.batch_keys``) and a plain
+``dataset[index]`` reads epoch 0. The random crop is drawn from (seed, index) alone, so an item's
+pixels are the same at every visit and a latent cache stays exact.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from .images import (
     same_aspect,
     to_rgb,
 )
+from .sampler import split_key
 
 METADATA_FILE = "metadata.jsonl"
 EXAMPLE_LINE = (
@@ -326,7 +330,8 @@ def _open_source(source, *, config_name, split, cache_dir):
 class ControlDataset(torch.utils.data.Dataset):
     """Training triples as dicts: ``pixel_values`` (3, R, R) float in [-1, 1],
     ``conditioning_pixel_values`` (``condition_channels``, R, R) float in [0, 1], ``caption``
-    (str) and ``index`` (int, the item's position in this dataset).
+    (str) and ``index`` (int, the item's position in this dataset). Items are read by index or
+    by ``(epoch, index)``; the epoch only changes the caption choices.
 
     Args:
         source: a folder holding ``metadata.jsonl``, a folder ``datasets`` can load, or a
@@ -336,7 +341,8 @@ class ControlDataset(torch.utils.data.Dataset):
         image_column, conditioning_image_column, caption_column: column names, diffusers'
             defaults. ``caption_column=None`` trains without captions (all "").
         condition_channels: 3 (RGB) or 1 (luminance) channels of the condition tensor.
-        proportion_empty_prompts: probability that an item's caption is replaced by "".
+        proportion_empty_prompts: probability that an item's caption is replaced by "", drawn
+            afresh for every (epoch, index).
         random_crop: a random square (fixed per index and seed) instead of the centre one.
         seed: seeds the choice of rows for ``max_samples`` and the per-item random choices.
         max_samples: keep this many rows, chosen at random with ``seed`` (diffusers' shuffle and
@@ -430,13 +436,16 @@ class ControlDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _rng(self, index: int, stream: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, index, stream])
+    def _rng(self, index: int, stream: int, epoch: int | None = None) -> np.random.Generator:
+        """The generator of one purpose: per item, or per visit when ``epoch`` is given."""
+        if epoch is None:
+            return np.random.default_rng([self.seed, index, stream])
+        return np.random.default_rng([self.seed, index, stream, epoch])
 
     def _where(self, index: int) -> str:
         return f"item {index} ({self._source.where(self._rows[index])})"
 
-    def _caption(self, record: dict, index: int) -> str:
+    def _caption(self, record: dict, index: int, epoch: int = 0) -> str:
         if self.caption_column is None:
             return ""
         value = record.get(self.caption_column)
@@ -445,8 +454,9 @@ class ControlDataset(torch.utils.data.Dataset):
             raise DataError(f"{self._where(index)}, column '{self.caption_column}' {problem}")
         if not isinstance(value, str):
             # Several captions per image: one of them, like diffusers' training branch.
-            value = value[int(self._rng(index, _CAPTION_CHOICE_STREAM).integers(len(value)))]
-        if self._rng(index, _EMPTY_PROMPT_STREAM).random() < self.proportion_empty_prompts:
+            choice = self._rng(index, _CAPTION_CHOICE_STREAM, epoch).integers(len(value))
+            value = value[int(choice)]
+        if self._rng(index, _EMPTY_PROMPT_STREAM, epoch).random() < self.proportion_empty_prompts:
             return ""
         return value
 
@@ -459,12 +469,13 @@ class ControlDataset(torch.utils.data.Dataset):
         except DataError as err:
             raise DataError(f"{where}: {err}") from err
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = split_key(key)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for {len(self)} items")
-        index = int(index) % len(self)
+        index = index % len(self)
         record = self._source.record(self._rows[index])
-        caption = self._caption(record, index)
+        caption = self._caption(record, index, epoch)
         image = self._image(record, index, self.image_column, "image")
         condition = self._image(record, index, self.conditioning_image_column, "condition")
         if not same_aspect(image.size, condition.size):

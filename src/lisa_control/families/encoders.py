@@ -12,9 +12,11 @@ from .base import MainModel
 class FrozenEncoders:
     """Encodes a batch the way diffusers' ControlNet script does, optionally caching results.
 
-    With ``cache=True`` each dataset index is encoded once: the VAE latent is the one sampled on
-    first use and the caption's embedding is kept. Caching is exact only for deterministic image
-    transforms (center crop) and a fixed caption per index.
+    With ``cache=True`` each dataset index's image is encoded once (the VAE latent is the one
+    sampled on first use) and each distinct caption text once. Image caching is exact only for
+    image transforms fixed per index (center crop, or ``ControlDataset``'s per-index random crop);
+    captions are keyed by their text, so caption choices that change between visits (empty
+    prompts, one of several captions) are always encoded as drawn.
     """
 
     def __init__(self, model: MainModel, device, dtype=torch.float32, cache: bool = False):
@@ -23,7 +25,7 @@ class FrozenEncoders:
         self.dtype = dtype
         self.cache = cache
         self._latents: dict[int, torch.Tensor] = {}
-        self._contexts: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+        self._contexts: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         self._shared_extra: dict = {}
         prompt_modules = model.prompt_encoder.modules() if model.prompt_encoder else []
         for module in (model.vae, model.text_encoder, *prompt_modules):
@@ -78,15 +80,16 @@ class FrozenEncoders:
             return condition
         return self._images(condition * 2 - 1)
 
-    def _cached(self, store, indices, compute) -> list:
-        """The stored entries of ``indices``, computing the missing ones together:
-        ``compute(rows)`` gets their positions in the batch and returns one entry per row."""
-        missing = [i for i, idx in enumerate(indices) if idx not in store]
+    def _cached(self, store, keys, compute) -> list:
+        """The stored entries of ``keys`` (dataset indices or caption texts), computing the
+        missing ones together: ``compute(rows)`` gets their positions in the batch and returns
+        one entry per row."""
+        missing = [i for i, key in enumerate(keys) if key not in store]
         if missing:
             fresh = compute(missing)
             for row, i in enumerate(missing):
-                store[indices[i]] = fresh[row]
-        return [store[idx] for idx in indices]
+                store[keys[i]] = fresh[row]
+        return [store[key] for key in keys]
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, Context, torch.Tensor]:
         """(x0, context, condition) for one collated batch."""
@@ -103,16 +106,16 @@ class FrozenEncoders:
             x0 = self._images(batch["pixel_values"])
         condition = self.encode_condition(batch["conditioning_pixel_values"])
         if cached and self.model.prompt_encoder is not None:
-            return x0, self._cached_pipeline_context(indices, captions), condition
+            return x0, self._cached_pipeline_context(captions), condition
         if cached and self.model.text_encoder is not None:
             text = self._cached(
-                self._contexts, indices, lambda rows: self._prompts([captions[r] for r in rows])
+                self._contexts, captions, lambda rows: self._prompts([captions[r] for r in rows])
             )
             return x0, Context(encoder_hidden_states=torch.stack(text)), condition
         return x0, self.prompt_context(captions), condition
 
-    def _cached_pipeline_context(self, indices: list[int], captions: list[str]) -> Context:
-        """SD3 / Flux prompt contexts, encoded once per index. Token states and the pooled
+    def _cached_pipeline_context(self, captions: list[str]) -> Context:
+        """SD3 / Flux prompt contexts, encoded once per caption text. Token states and the pooled
         vector belong to each sample; the rest of ``extra`` (Flux's text position ids) is the
         same for every caption and kept from the last encoding."""
 
@@ -121,7 +124,7 @@ class FrozenEncoders:
             self._shared_extra = {k: v for k, v in fresh.extra.items() if k != "pooled_projections"}
             return list(zip(fresh.encoder_hidden_states, fresh.extra["pooled_projections"]))
 
-        tokens, pooled = zip(*self._cached(self._contexts, indices, encode))
+        tokens, pooled = zip(*self._cached(self._contexts, captions, encode))
         extra = {**self._shared_extra, "pooled_projections": torch.stack(pooled)}
         return Context(encoder_hidden_states=torch.stack(tokens), extra=extra)
 

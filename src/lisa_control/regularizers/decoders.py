@@ -18,8 +18,12 @@ class ScoreDecoder(nn.Module):
     """Maps a side-network feature map (C, H, W) and timestep to the prediction space.
 
     time: sinusoidal(256) -> Linear(256, C) -> SiLU, added to the feature; then per x2 stage a
-    conv to max(C/2, 64) channels (1x1 when C >= 512, else 3x3) + SiLU + nearest upsample (one
-    such conv without upsampling when no stage is needed); last a zero-initialised 3x3 conv.
+    conv from the current width c to max(c/2, 64) channels + SiLU + nearest upsample; last a
+    zero-initialised 3x3 conv to ``out_channels``.
+
+    Kernel rule (the LISA authors'): the first stage's conv is 1x1 when the hooked feature has
+    C >= 512 channels, every other conv is 3x3. When the feature is already at the output size
+    (no stage), one 3x3 conv + SiLU to max(C/2, 64) channels stands in for the stages.
     """
 
     time_embed_dim = 256
@@ -29,9 +33,9 @@ class ScoreDecoder(nn.Module):
         self.time_proj = nn.Linear(self.time_embed_dim, in_channels)
         layers: list[nn.Module] = []
         channels = in_channels
-        for _ in range(max(upsample_stages, 1)):
+        for stage in range(max(upsample_stages, 1)):
             width = max(channels // 2, 64)
-            kernel = 1 if channels >= 512 else 3
+            kernel = 1 if stage == 0 and upsample_stages > 0 and channels >= 512 else 3
             layers += [nn.Conv2d(channels, width, kernel, padding=kernel // 2), nn.SiLU()]
             if upsample_stages > 0:
                 layers.append(nn.Upsample(scale_factor=2, mode="nearest"))

@@ -177,9 +177,11 @@ _HELP = {
     "--lisa_weight_decay_steps steps (default: constant lambda)",
     "lisa_decoder_learning_rate": "train the LISA decoder at this learning rate instead of "
     "--learning_rate (default: the same, as in the paper)",
-    "on_nonfinite": "on a NaN/Inf loss or gradient: stop (default) or skip the step",
+    "on_nonfinite": "on a NaN/Inf loss, or gradient under bf16/fp32 (fp16 overflows are the "
+    "grad scaler's): stop (default) or skip the step",
     "config": "YAML or TOML file with the same keys as the flags",
-    "cache_latents": "encode images and captions once and keep them in memory",
+    "cache_latents": "encode each item's image and each caption text once and keep them in "
+    "memory",
     "validation_feature_distance": "with --task: also score validation samples by a Fréchet "
     "distance on features of a small network trained on the task's renders (not Inception FID)",
 }

@@ -133,12 +133,21 @@ class _Batches(Sampler):
         self.order, self.start = order, start
 
     def __iter__(self):
-        for _, indices in self.order.batches(self.start):
-            yield indices
+        # (epoch, index) keys: datasets draw per-visit caption choices from the epoch.
+        yield from self.order.batch_keys(self.start)
 
 
 def _nonfinite_terms(logs: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in logs.items() if not torch.isfinite(v).all()]
+
+
+def _gradient_is_nonfinite_error(accelerator, norm) -> bool:
+    """Whether a clipped gradient's norm goes to the non-finite guard. Under fp16 accelerate
+    keeps a GradScaler (``accelerator.scaler``), and an overflowing gradient is the scaler's
+    signal, not an error: ``optimizer.step()`` skips the update and lowers the scale, and
+    ``accelerator.optimizer_step_was_skipped`` reports it. Under bf16 and fp32 there is no
+    scaler and a non-finite norm is an error."""
+    return accelerator.scaler is None and not torch.isfinite(torch.as_tensor(norm)).all()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -313,6 +322,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     progress = _progress(cfg, accelerator, global_step, max_steps)
     step_module.train()
     window: dict[str, torch.Tensor] = {}
+    skipped_steps = 0  # optimizer steps the fp16 grad scaler skipped in this process's run
     t_start = t_last = time.perf_counter()
     for batch in loader:
         if global_step >= max_steps:
@@ -329,11 +339,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:
                 norm = accelerator.clip_grad_norm_(inner.trainable_parameters(), cfg.max_grad_norm)
-                if not torch.isfinite(torch.as_tensor(norm)).all():
+                if _gradient_is_nonfinite_error(accelerator, norm):
                     _handle_nonfinite(cfg, global_step + 1, _grad_terms(out.logs), "gradient")
                     optimizer.zero_grad(set_to_none=True)
                     continue
             optimizer.step()
+            if accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
+                skipped_steps += 1
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         for k, v in out.logs.items():
@@ -344,6 +356,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         logs = {k: accelerator.reduce(v, "mean").item() for k, v in window.items()}
         window = {}
         logs["lr"] = lr_scheduler.get_last_lr()[0]
+        if accelerator.scaler is not None:
+            logs["skipped_steps"] = skipped_steps
         # Wall time since the previous step was logged (validation and checkpoints included).
         now = time.perf_counter()
         logs["step_seconds"], t_last = now - t_last, now

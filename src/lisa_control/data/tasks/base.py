@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ...core.errors import ConfigError
+from ..sampler import split_key
 
 # Seed of the renders that the default realism statistic compares against; any fixed value works.
 REFERENCE_SEED = 20_240_601
@@ -152,7 +153,9 @@ class ProceduralTask:
 
 
 class TaskDataset(Dataset):
-    """``size`` samples of ``task``, rendered on the fly: item i is ``task.sample(seed, i)``."""
+    """``size`` samples of ``task``, rendered on the fly: item i is ``task.sample(seed, i)``.
+    Items are read by index or by ``(epoch, index)``, the trainer's keys; the epoch changes
+    nothing, since a render's caption describes its image."""
 
     def __init__(self, task: ProceduralTask, size: int, seed: int = 0):
         if size < 1:
@@ -171,7 +174,8 @@ class TaskDataset(Dataset):
             raise IndexError(f"index {i} out of range for a task dataset of {self.size} items")
         return self.task.sample(self.seed, i % self.size)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        _, i = split_key(key)
         s = self.sample(i)
         image = torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
         condition = torch.from_numpy(s.condition.astype(np.float32)).permute(2, 0, 1) / 255
