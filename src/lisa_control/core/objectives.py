@@ -98,13 +98,28 @@ class Objective:
 
     prediction_type: str = ""
     num_timesteps: int = 1000
+    # A noise-level weighting of the loss (``core.weighting``); None is the plain mean.
+    weighting = None
 
     def sample(self, x0: torch.Tensor, generator=None, noise=None, timesteps=None) -> NoisedBatch:
         raise NotImplementedError
 
     def loss(self, prediction: torch.Tensor, batch: NoisedBatch) -> torch.Tensor:
-        """Plain MSE in fp32, as the diffusers ControlNet scripts and the LISA authors use."""
-        return F.mse_loss(prediction.float(), batch.target.float(), reduction="mean")
+        """MSE in fp32, as the diffusers ControlNet scripts and the LISA authors use; with a
+        ``weighting``, the mean over samples of w_t times each sample's mean squared error."""
+        if self.weighting is None:
+            return F.mse_loss(prediction.float(), batch.target.float(), reduction="mean")
+        error = (prediction.float() - batch.target.float()).pow(2)
+        weights = self.weighting(self, batch.timesteps, error)
+        return (weights * error).flatten(1).mean(1).mean()
+
+    def x0_scale(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """j_t with x0_hat - x0 = -j_t (prediction - target), shaped to broadcast with ``like``."""
+        raise NotImplementedError
+
+    def snr(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The signal-to-noise ratio of x_t, shaped to broadcast with ``like``."""
+        raise NotImplementedError
 
     def score(self, prediction: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor):
         raise NotImplementedError
@@ -178,6 +193,16 @@ class DiffusionObjective(Objective):
         _, sigma = self.alpha_sigma(timesteps, x_t)
         return -self.predicted_noise(prediction, x_t, timesteps).float() / sigma
 
+    def x0_scale(self, timesteps, like):
+        """sigma_t / alpha_t for eps, sigma_t for v."""
+        alpha, sigma = self.alpha_sigma(timesteps, like)
+        return sigma / alpha if self.prediction_type == "epsilon" else sigma
+
+    def snr(self, timesteps, like):
+        """alpha_t^2 / sigma_t^2."""
+        alpha, sigma = self.alpha_sigma(timesteps, like)
+        return alpha.pow(2) / sigma.pow(2)
+
     def x0(self, prediction, x_t, timesteps):
         """x0 = (x_t - sigma_t eps) / alpha_t, or alpha_t x_t - sigma_t v (no division)."""
         alpha, sigma = self.alpha_sigma(timesteps, x_t)
@@ -228,22 +253,39 @@ class RectifiedFlowObjective(Objective):
         eps = x_t.float() + (1 - s) * prediction.float()
         return -eps / s
 
+    def x0_scale(self, timesteps, like):
+        """s: x0 = x_s - s u."""
+        return self.sigmas(timesteps, like)
+
+    def snr(self, timesteps, like):
+        """((1 - s) / s)^2."""
+        s = self.sigmas(timesteps, like)
+        return ((1 - s) / s).pow(2)
+
     def x0(self, prediction, x_t, timesteps):
         """x0 = x_s - s u."""
         return x_t.float() - self.sigmas(timesteps, x_t) * prediction.float()
 
 
-def make_objective(name: str, scheduler=None, timestep_sampler: str | None = None) -> Objective:
-    """Build an objective by name: 'epsilon', 'v_prediction' or 'flow'."""
+def make_objective(
+    name: str, scheduler=None, timestep_sampler: str | None = None, weighting=None
+) -> Objective:
+    """Build an objective by name: 'epsilon', 'v_prediction' or 'flow', optionally with a loss
+    ``weighting`` (a ``core.weighting.LossWeighting``)."""
     if name == "flow":
-        return RectifiedFlowObjective(timestep_sampler=timestep_sampler or "logit_normal")
-    if name in ("epsilon", "v_prediction"):
+        objective = RectifiedFlowObjective(timestep_sampler=timestep_sampler or "logit_normal")
+    elif name in ("epsilon", "v_prediction"):
         if scheduler is None:
             from diffusers import DDPMScheduler
 
             scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=name)
-        return DiffusionObjective(scheduler, name, timestep_sampler=timestep_sampler or "uniform")
-    raise ConfigError(f"unknown objective {name!r}; use 'epsilon', 'v_prediction' or 'flow'.")
+        objective = DiffusionObjective(
+            scheduler, name, timestep_sampler=timestep_sampler or "uniform"
+        )
+    else:
+        raise ConfigError(f"unknown objective {name!r}; use 'epsilon', 'v_prediction' or 'flow'.")
+    objective.weighting = weighting
+    return objective
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:

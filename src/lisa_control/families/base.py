@@ -82,14 +82,18 @@ class Family:
 
     # ------------------------------------------------------------------ objective
 
-    def training_objective(self, model: MainModel, name: str, timestep_sampler=None):
-        """The objective ``name`` (``epsilon``, ``v_prediction``, ``flow``) over this model."""
+    def training_objective(
+        self, model: MainModel, name: str, timestep_sampler=None, weighting=None
+    ):
+        """The objective ``name`` (``epsilon``, ``v_prediction``, ``flow``) over this model, with
+        an optional loss ``weighting`` (``core.weighting``)."""
         from ..core.objectives import make_objective
 
         return make_objective(
             name,
             scheduler=None if name == "flow" else model.scheduler,
             timestep_sampler=timestep_sampler if name != "flow" else None,
+            weighting=weighting,
         )
 
     # ------------------------------------------------------------------ inference
@@ -143,10 +147,13 @@ class MainModel:
         """Whether the side network takes the VAE latent of the control image."""
         return self.vae is not None and self.family.condition_in_latent_space
 
-    def training_objective(self, prediction_type: str | None = None, timestep_sampler=None):
-        """The objective the model was trained with, or ``prediction_type``."""
+    def training_objective(
+        self, prediction_type: str | None = None, timestep_sampler=None, weighting=None
+    ):
+        """The objective the model was trained with, or ``prediction_type``; ``weighting``
+        weights its loss by noise level (``core.weighting.make_weighting``)."""
         return self.family.training_objective(
-            self, prediction_type or self.objective, timestep_sampler
+            self, prediction_type or self.objective, timestep_sampler, weighting
         )
 
     @property

@@ -50,6 +50,7 @@ from .sd3 import null_text_context
 from .transformer_layers import (
     controlnet_block_aliases,
     middle_block_layer,
+    refuse_weighting,
     token_feature_dim,
     transformer_stack,
 )
@@ -391,16 +392,19 @@ class FluxFamily(Family):
     def null_context(self, network, batch: int, device=None, dtype=torch.float32) -> Context:
         return null_text_context(network.config, batch, device, dtype)
 
-    def training_objective(self, model: MainModel, name: str, timestep_sampler=None):
+    def training_objective(
+        self, model: MainModel, name: str, timestep_sampler=None, weighting=None
+    ):
         """diffusers' train_controlnet_flux.py: the scheduler's static shift and a plain velocity
         loss (Flux's scheduler shifts dynamically only at inference)."""
         if name == "flow" and not model.is_pixel_space:
+            refuse_weighting(weighting)
             return PreconditionedFlowObjective(
                 shift=model.scheduler.config.shift,
                 num_timesteps=model.scheduler.config.num_train_timesteps,
                 precondition_outputs=False,
             )
-        return super().training_objective(model, name, timestep_sampler)
+        return super().training_objective(model, name, timestep_sampler, weighting)
 
     def inference_schedule(self, model: MainModel, scheduler, height: int, width: int, steps):
         """Latent Flux models sample with FluxPipeline's resolution-dependent schedule."""

@@ -74,6 +74,7 @@ from .loading import load_pipeline_parts
 from .transformer_layers import (
     controlnet_block_aliases,
     middle_block_layer,
+    refuse_weighting,
     token_feature_dim,
     transformer_stack,
 )
@@ -351,8 +352,11 @@ class SD3Family(Family):
             return_dict=False,
         )[0]
 
-    def training_objective(self, model: MainModel, name: str, timestep_sampler=None):
+    def training_objective(
+        self, model: MainModel, name: str, timestep_sampler=None, weighting=None
+    ):
         """Latent SD3 trains with diffusers' recipe and the scheduler's shift."""
         if name == "flow" and not model.is_pixel_space:
+            refuse_weighting(weighting)
             return PreconditionedFlowObjective.from_scheduler(model.scheduler)
-        return super().training_objective(model, name, timestep_sampler)
+        return super().training_objective(model, name, timestep_sampler, weighting)

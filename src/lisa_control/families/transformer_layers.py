@@ -1,6 +1,6 @@
-"""The zero projections of transformer ControlNets (SD3's ``controlnet_blocks``, Flux's also
-``controlnet_single_blocks``): their names, widths and the default LISA layer, shared by the SD3
-and Flux families.
+"""What the SD3 and Flux families share: the zero projections of transformer ControlNets
+(SD3's ``controlnet_blocks``, Flux's also ``controlnet_single_blocks``) with their names, widths
+and default LISA layer, and their recipe's rule on loss weightings.
 """
 
 from __future__ import annotations
@@ -66,3 +66,13 @@ def transformer_stack(*attributes: str):
         ]
 
     return blocks
+
+
+def refuse_weighting(weighting) -> None:
+    """Latent SD3 and Flux train with diffusers' own weighting schemes; a second weighting on top
+    would change their recipe silently."""
+    if weighting is not None:
+        raise ConfigError(
+            f"--loss_weighting {weighting.name} applies to eps, v and pixel-space flow objectives; "
+            "latent SD3 and Flux models train with diffusers' weighting scheme. Drop the flag."
+        )

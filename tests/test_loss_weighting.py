@@ -1,0 +1,127 @@
+"""Noise-level weightings of the diffusion loss equal their formulas for eps, v and flow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lisa_control.core.errors import ConfigError
+from lisa_control.core.objectives import make_objective
+from lisa_control.core.weighting import MinSNRWeighting, X0Weighting, make_weighting
+
+
+def _batch(objective, t):
+    torch.manual_seed(0)
+    x0 = torch.randn(len(t), 3, 4, 4)
+    batch = objective.sample(x0, timesteps=torch.tensor(t))
+    prediction = batch.target + 0.1 * torch.randn_like(batch.target)
+    return x0, batch, prediction
+
+
+def _alpha_sigma(t):
+    abar = DDPMScheduler().alphas_cumprod[torch.tensor(t)].double()
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def _per_sample_mse(prediction, target):
+    return (prediction.double() - target.double()).pow(2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("name", ["epsilon", "v_prediction"])
+def test_x0_weighting_is_the_x0_error_for_diffusion_objectives(name):
+    t = [10, 300, 700]
+    objective = make_objective(name, weighting=X0Weighting(max_weight=1e9))
+    x0, batch, prediction = _batch(objective, t)
+    alpha, sigma = _alpha_sigma(t)
+    # By hand: the clean sample each prediction implies, and its squared error.
+    x_t = batch.x_t.double()
+    if name == "epsilon":
+        x0_hat = (x_t - sigma[:, None, None, None] * prediction.double()) / alpha[:, None, None, None]
+        j = sigma / alpha
+    else:
+        x0_hat = alpha[:, None, None, None] * x_t - sigma[:, None, None, None] * prediction.double()
+        j = sigma
+    expected = (x0_hat - x0.double()).pow(2).flatten(1).mean(1).mean()
+    assert objective.loss(prediction, batch).item() == pytest.approx(expected.item(), rel=1e-4)
+    weighted = (j**2 * _per_sample_mse(prediction, batch.target)).mean()
+    assert objective.loss(prediction, batch).item() == pytest.approx(weighted.item(), rel=1e-5)
+
+
+def test_x0_weighting_is_the_x0_error_for_flow():
+    s = [0.05, 0.5, 0.95]
+    objective = make_objective("flow", weighting=X0Weighting(max_weight=1e9))
+    x0, batch, prediction = _batch(objective, [1000 * v for v in s])
+    x0_hat = batch.x_t.double() - torch.tensor(s, dtype=torch.float64)[:, None, None, None] * (
+        prediction.double()
+    )
+    expected = (x0_hat - x0.double()).pow(2).flatten(1).mean(1).mean()
+    assert objective.loss(prediction, batch).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_the_x0_weight_is_capped_near_t_max_and_stays_finite():
+    objective = make_objective("epsilon", weighting=X0Weighting(max_weight=5.0))
+    t = torch.tensor([0, 500, 990, 999])
+    weights = objective.weighting(objective, t, torch.zeros(4, 3, 2, 2)).flatten()
+    alpha, sigma = _alpha_sigma(t.tolist())
+    expected = torch.minimum((sigma / alpha) ** 2, torch.tensor(5.0, dtype=torch.float64))
+    assert torch.allclose(weights.double(), expected, rtol=1e-5)
+    assert weights[-1] == 5.0 and weights[0] < 1e-3
+    x0, batch, prediction = _batch(objective, t.tolist())
+    assert math.isfinite(objective.loss(prediction, batch).item())
+
+
+@pytest.mark.parametrize("name", ["epsilon", "v_prediction"])
+def test_min_snr_matches_diffusers_formula(name):
+    gamma = 5.0
+    t = [1, 100, 400, 800, 999]
+    objective = make_objective(name, weighting=MinSNRWeighting(gamma))
+    _, batch, prediction = _batch(objective, t)
+    alpha, sigma = _alpha_sigma(t)
+    snr = alpha**2 / sigma**2
+    # diffusers' train scripts: mse_loss_weights = min(snr, gamma) / snr (eps), / (snr + 1) (v)
+    clipped = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64))
+    weights = clipped / snr if name == "epsilon" else clipped / (snr + 1)
+    expected = (weights * _per_sample_mse(prediction, batch.target)).mean()
+    assert objective.loss(prediction, batch).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_min_snr_for_flow_weights_the_velocity_error_by_min_snr_times_s_squared():
+    gamma, s = 5.0, torch.tensor([0.1, 0.3, 0.9], dtype=torch.float64)
+    objective = make_objective("flow", weighting=MinSNRWeighting(gamma))
+    _, batch, prediction = _batch(objective, (1000 * s).tolist())
+    snr = ((1 - s) / s) ** 2
+    weights = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) * s**2
+    expected = (weights * _per_sample_mse(prediction, batch.target)).mean()
+    assert objective.loss(prediction, batch).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_no_weighting_is_the_plain_mean_squared_error():
+    objective = make_objective("epsilon", weighting=make_weighting("none"))
+    _, batch, prediction = _batch(objective, [3, 500])
+    plain = torch.nn.functional.mse_loss(prediction, batch.target)
+    assert objective.loss(prediction, batch).item() == plain.item()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="x1"), "unknown loss weighting 'x1'"),
+        (dict(name="min_snr", snr_gamma=0), "gamma"),
+        (dict(name="x0", x0_weight_max=float("nan")), "x0 weight cap"),
+    ],
+)
+def test_bad_weighting_settings_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        make_weighting(**kwargs)
+
+
+def test_latent_flow_recipes_refuse_a_second_weighting():
+    from lisa_control.families import get_family
+    from lisa_control.families.base import MainModel
+
+    model = MainModel(main_network=None, scheduler=None, family=get_family("sd3"), vae=object())
+    with pytest.raises(ConfigError, match="diffusers' weighting scheme"):
+        model.training_objective("flow", weighting=X0Weighting())
