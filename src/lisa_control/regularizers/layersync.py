@@ -379,3 +379,10 @@ def _equal_width_pairs(
     ]
     pairs.sort(key=lambda p: (p[0] != shallow, p[2] != width))
     return [f"'{a}->{b}' ({w} channels)" for a, b, w in pairs[:limit]]
+
+
+def layersync_from_settings(branch, sample_size: int, settings) -> LayerSync:
+    """LayerSync on the side network as ``lisa train`` configures it: the ``layersync_*`` flags."""
+    network = branch.side_network
+    pairs = settings.get("layersync_pairs") or default_pairs(network)
+    return LayerSync(network, pairs=pairs, weight=settings.get("layersync_weight", PAPER_WEIGHT))

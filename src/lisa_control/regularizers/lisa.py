@@ -219,3 +219,19 @@ def lisa_for_branch(
     return LikelihoodScoreAlignment(
         branch.side_network, layer=layer, weight=weight, decoder=decoder, **kwargs
     )
+
+
+def lisa_from_settings(branch, sample_size: int, settings) -> LikelihoodScoreAlignment:
+    """LISA as ``lisa train`` configures it: the ``lisa_*`` flags."""
+    timestep_range = settings.get("lisa_timestep_range")
+    return lisa_for_branch(
+        branch,
+        layer=settings.get("lisa_layer"),
+        weight=settings.get("lisa_weight", 0.2),
+        sample_size=sample_size,
+        distance=settings.get("lisa_distance", "mse"),
+        target=settings.get("lisa_target", "residual"),
+        final_weight=settings.get("lisa_final_weight"),
+        weight_decay_steps=settings.get("lisa_weight_decay_steps", 0),
+        timestep_range=tuple(timestep_range) if timestep_range else None,
+    )
