@@ -1,4 +1,4 @@
-"""Reliability (issue 8): bad input gives one clear line and a non-zero exit, nothing written
+"""Reliability: bad input gives one clear line and a non-zero exit, nothing written
 over; non-finite values stop or skip with the step and term named; SIGKILL at random moments
 (checkpoint writes included) never leaves a half checkpoint and resume loses nothing."""
 
@@ -187,7 +187,7 @@ def test_non_numeric_flag_is_an_argparse_error(assets, tmp_path, capsys):
 
 
 def _poison_encoder(monkeypatch, at_call: int):
-    from lisa_control import encoders
+    from lisa_control.families import encoders
 
     original = encoders.FrozenEncoders.encode
     calls = {"n": 0}
