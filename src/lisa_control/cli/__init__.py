@@ -25,7 +25,7 @@ Run `lisa COMMAND --help` for a command's flags. Multi-GPU: accelerate launch -m
 
 def _train(argv):
     from ..training.config import parse_args
-    from ..training.loop import train
+    from ..training.train import train
 
     train(parse_args(argv))
 
