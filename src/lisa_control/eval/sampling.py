@@ -11,6 +11,10 @@ and prompt embeddings it returns the same latents as the pipeline with ``output_
   the visual condition, and y = y_uncond + w (y_cond - y_uncond);
 * x_{t-1} = scheduler.step(y, t, x_t) (with ``generator`` when the scheduler draws noise).
 
+A branch whose ``forward`` takes ``step_index`` (a composition of side networks with guidance
+windows, ``families.composition``) is told the step i and the run's length n = len(timesteps),
+the numbers diffusers' ``controlnet_keep`` reads; its conditions may be a list or a mapping.
+
 No decoder or regularizer takes part: sampling needs only the side network's residuals.
 """
 
@@ -31,6 +35,10 @@ def latent_shape(branch: DualBranch, condition: torch.Tensor, batch: int) -> tup
     ``conditioning_embedding_out_channels``, and its output must match x_t; so that config says
     how the condition's size maps to the sample's (8x for SD latents, 1x for pixel models).
     """
+    parts = getattr(branch, "side_branches", None)
+    if parts:  # several side networks: the first one's condition says the size
+        branch = next(iter(parts.values()))
+        condition = next(iter(condition.values())) if isinstance(condition, dict) else condition[0]
     config = getattr(branch.side_network, "config", None)
     embedding_channels = getattr(config, "conditioning_embedding_out_channels", None)
     in_channels = getattr(getattr(branch.main_network, "config", None), "in_channels", None)
@@ -51,6 +59,22 @@ def _repeat_to(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     if tensor.shape[0] == 1:
         return tensor.expand(batch, *tensor.shape[1:])
     raise ConfigError(f"{what} has batch size {tensor.shape[0]}, expected 1 or {batch}.")
+
+
+def _each_condition(fn, condition):
+    """``fn`` applied to one condition tensor, or to each of a list or mapping of them."""
+    if isinstance(condition, dict):
+        return {name: fn(c) for name, c in condition.items()}
+    if isinstance(condition, (list, tuple)):
+        return [fn(c) for c in condition]
+    return fn(condition)
+
+
+def _takes_step_index(branch) -> bool:
+    try:
+        return "step_index" in inspect.signature(branch.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _guidance_context(positive: Context, negative: Context, batch: int) -> Context:
@@ -118,7 +142,8 @@ def sample(
         branch: main + side network; ``branch(x_t, t, context, condition).output`` is the
             controlled prediction.
         condition: visual condition (B or 1, C, H, W) in [0, 1], at the side network's
-            resolution (8x the latent size for SD).
+            resolution (8x the latent size for SD); for several side networks a list (their
+            order) or a mapping name -> condition.
         context: text (or null) context of the B samples.
         scheduler: any diffusers scheduler (DDIM, DPM-Solver++, UniPC, Euler, ...); its state is
             reset by ``set_timesteps``.
@@ -154,23 +179,27 @@ def sample(
     else:
         latents = latents.to(device)
 
-    condition = _repeat_to(condition.to(device), batch, "condition")
+    condition = _each_condition(lambda c: _repeat_to(c.to(device), batch, "condition"), condition)
     model_context, model_condition = context.to(device), condition
     if do_guidance:
         # Unconditional half first: the pipeline's order. Both halves see the control.
         model_context = _guidance_context(model_context, negative_context.to(device), batch)
-        model_condition = torch.cat([condition, condition])
+        model_condition = _each_condition(lambda c: torch.cat([c, c]), condition)
 
     # Only families with scalable residuals take conditioning_scale; 1.0 needs no argument.
     branch_kwargs = {} if conditioning_scale == 1.0 else {"conditioning_scale": conditioning_scale}
     step_kwargs = _step_kwargs(scheduler, generator)
 
     timesteps = scheduler.timesteps
+    num_steps = len(timesteps)
+    takes_step = _takes_step_index(branch)
     if progress:
         from tqdm.auto import tqdm
 
         timesteps = tqdm(timesteps, desc="sampling")
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
+        if takes_step:
+            branch_kwargs.update(step_index=i, num_steps=num_steps)
         model_input = torch.cat([latents, latents]) if do_guidance else latents
         model_input = scale_model_input(scheduler, model_input, t)
         # One timestep per sample: transformers (SD3, Flux) need a 1-d tensor; UNets broadcast.

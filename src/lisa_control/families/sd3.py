@@ -252,6 +252,21 @@ class SD3ControlNetBranch(DualBranch):
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
         return self._main(x_t, timesteps, context)
 
+    # -- composition (``families/composition.py``)
+
+    def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
+        """The ControlNet's block residuals, times ``scale``."""
+        self.check_condition(x_t, condition)
+        return self.side_residuals(x_t, timesteps, context, condition, scale)
+
+    def main_with(self, x_t, timesteps, context: Context, residuals, with_prior=False):
+        """The transformer with the summed ``residuals`` (``None``: without any)."""
+        output = self._main(x_t, timesteps, context, residuals)
+        if residuals is None:
+            return Prediction(output=output, prior=output if with_prior else None)
+        prior = self.prior(x_t, timesteps, context) if with_prior else None
+        return Prediction(output=output, prior=prior)
+
     def default_lisa_layer(self) -> str:
         return middle_block_layer(self.side_network)
 

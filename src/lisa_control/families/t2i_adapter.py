@@ -218,6 +218,21 @@ class T2IAdapterBranch(DualBranch):
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
         return self._main(x_t, timesteps, context)
 
+    # -- composition (``families/composition.py``)
+
+    def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
+        """The adapter's features times ``scale`` (they depend on the condition alone)."""
+        self.check_condition(x_t, condition)
+        return self.side_residuals(condition, scale)
+
+    def main_with(self, x_t, timesteps, context: Context, residuals, with_prior=False):
+        """The UNet with the summed features ``residuals`` (``None``: without any)."""
+        output = self._main(x_t, timesteps, context, residuals)
+        if residuals is None:
+            return Prediction(output=output, prior=output if with_prior else None)
+        prior = self.prior(x_t, timesteps, context) if with_prior else None
+        return Prediction(output=output, prior=prior)
+
     def default_lisa_layer(self) -> str:
         return default_adapter_layer(self.side_network)
 

@@ -233,6 +233,65 @@ class UNetControlNetBranch(DualBranch):
             **self._main_kwargs(context, main_dtype),
         )[0]
 
+    # -- composition (``families/composition.py``): residuals of one side network, then one
+    # main pass with the residuals of several summed.
+
+    def check_condition(self, x_t, condition) -> None:
+        """Refuse a condition whose channels or size do not fit the side network."""
+        if condition.ndim != 4 or condition.shape[1] != self.condition_channels:
+            raise ModelError(
+                f"the condition must have shape (B, {self.condition_channels}, H, W) for this "
+                f"ControlNet, got {tuple(condition.shape)}."
+            )
+        downscale = 2 ** (len(self.side_network.config.conditioning_embedding_out_channels) - 1)
+        expected = tuple(s * downscale for s in x_t.shape[-2:])
+        if tuple(condition.shape[-2:]) != expected:
+            raise ModelError(
+                f"the condition is {tuple(condition.shape[-2:])} but this ControlNet needs "
+                f"{expected}: {downscale}x the sample's resolution."
+            )
+
+    def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
+        """(down residuals, mid residual) of the side network, times ``scale``."""
+        self.check_condition(x_t, condition)
+        return self.side_residuals(x_t, timesteps, context, condition, scale)
+
+    def main_with(self, x_t, timesteps, context: Context, residuals, with_prior=False):
+        """The UNet with ``residuals`` (``None``: without any), and the prior when asked; the
+        prior shares the down path as in :meth:`forward`."""
+        main_dtype = self.main_network.dtype
+        if residuals is None:
+            output = self.prior(x_t, timesteps, context)
+            return Prediction(output=output, prior=output if with_prior else None)
+        down = [r.to(main_dtype) for r in residuals[0]]
+        mid = residuals[1].to(main_dtype)
+        if with_prior and self.shared_encoder_prior and self._can_share_encoder(x_t, context):
+            with torch.no_grad():
+                encoding = unet_split.encode(
+                    self.main_network,
+                    x_t.to(main_dtype),
+                    timesteps,
+                    **self._main_kwargs(context, main_dtype),
+                )
+                prior = (
+                    None if self.batched_prior else unet_split.decode(self.main_network, encoding)
+                )
+            if self.batched_prior:
+                output, prior = unet_split.decode_with_prior(self.main_network, encoding, down, mid)
+            else:
+                output = unet_split.decode(self.main_network, encoding, down, mid)
+            return Prediction(output=output, prior=prior)
+        output = self.main_network(
+            x_t.to(main_dtype),
+            timesteps,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+            **self._main_kwargs(context, main_dtype),
+        )[0]
+        prior = self.prior(x_t, timesteps, context) if with_prior else None
+        return Prediction(output=output, prior=prior)
+
     def lisa_decoder(self, layer: str, sample_size: int | None = None, **shape) -> ScoreDecoder:
         """A :class:`ScoreDecoder` from the feature at ``layer`` to the UNet's prediction."""
         return ScoreDecoder.for_layer(
@@ -350,8 +409,11 @@ class UNetFamily(Family):
         )[0]
 
     def stock_pipeline(self, model: MainModel, side_network, scheduler):
-        """``StableDiffusionControlNetPipeline`` for latent models with a ControlNet."""
-        if model.is_pixel_space or not isinstance(side_network, ControlNetModel):
+        """``StableDiffusionControlNetPipeline`` for latent models with a ControlNet, or with a
+        list of them (the pipeline composes them in a ``MultiControlNetModel``)."""
+        several = isinstance(side_network, (list, tuple))
+        networks = list(side_network) if several else [side_network]
+        if model.is_pixel_space or not all(isinstance(n, ControlNetModel) for n in networks):
             return None
         from diffusers import StableDiffusionControlNetPipeline
 

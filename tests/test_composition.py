@@ -1,0 +1,391 @@
+"""Composition of side networks: several side networks on one main network, their residuals
+summed with per-network scales and guidance windows (``families/composition.py``).
+
+Shown on tiny models built here: sampling a ``ComposedBranch`` gives what diffusers' own
+multi-network pipelines give (UNet ControlNets, SD3, Flux, T2I-Adapters); a network at scale 0 or
+with a window that excludes every step changes nothing; windows select exactly diffusers' steps;
+mismatches are refused in one line; ``lisa train`` trains one side network per condition of the
+two-condition task, with LISA on each, resumes bit-exactly and saves networks ``lisa sample``
+composes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetPipeline,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusionAdapterPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    T2IAdapter,
+    UNet2DConditionModel,
+)
+from factories import make_pixel_model, make_sd_model
+from PIL import Image
+from test_flow_branches import (
+    LATENT,
+    CallRecorder,
+    make_flux_branch,
+    make_sd3_branch,
+    make_t2i_branch,
+    text_context,
+    tiny_vae,
+)
+
+from lisa_control.cli import main
+from lisa_control.core.branch import Context
+from lisa_control.core.errors import ConfigError, ModelError
+from lisa_control.eval.sampling import sample
+from lisa_control.families import (
+    FluxControlNetBranch,
+    SD3ControlNetBranch,
+    T2IAdapterBranch,
+    UNetControlNetBranch,
+)
+from lisa_control.families.composition import ComposedBranch, keep
+from lisa_control.families.flux import pack_latents, pipeline_schedule, unpack_latents
+from lisa_control.zoo.flow import tiny_flux_controlnet, tiny_sd3_controlnet
+from lisa_control.zoo.unet import tiny_unet
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed.*:FutureWarning")
+
+STEPS = 4
+
+
+def perturb(module: torch.nn.Module, seed: int, amount: float = 0.05) -> torch.nn.Module:
+    """Move every weight a little, so that zero projections carry each network's residuals."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(amount * torch.randn(p.shape, generator=g))
+    return module
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+# ----------------------------------------------------------------------------- stock pipelines
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline and two ControlNets from its UNet, set apart."""
+    pipe = StableDiffusionPipeline.from_pretrained(make_sd_model(tmp_path_factory.mktemp("sd")))
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(perturb(ControlNetModel.from_unet(pipe.unet), seed))
+    return pipe, nets
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_unet_controlnets_compose_as_the_stock_multi_controlnet_pipeline(sd, guidance_scale):
+    pipe, nets = sd
+    stock = StableDiffusionControlNetPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "image_encoder"}, controlnet=nets
+    )
+    stock.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    stock.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    conditions = [torch.rand(2, 3, 64, 64, generator=g) for _ in nets]
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    prompt, negative = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    controls = dict(conditioning_scale=[1.0, 0.7], control_guidance_start=[0.0, 0.25],
+                    control_guidance_end=[1.0, 0.75])  # fmt: skip
+    expected = stock(
+        prompt_embeds=prompt,
+        negative_prompt_embeds=negative,
+        image=conditions,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance_scale,
+        latents=latents,
+        output_type="latent",
+        controlnet_conditioning_scale=controls["conditioning_scale"],
+        control_guidance_start=controls["control_guidance_start"],
+        control_guidance_end=controls["control_guidance_end"],
+    ).images
+    branch = ComposedBranch.from_side_networks(UNetControlNetBranch, pipe.unet, nets, **controls)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    got = sample(
+        branch,
+        conditions,
+        Context(prompt),
+        scheduler,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance_scale,
+        negative_context=Context(negative),
+        latents=latents * scheduler.init_noise_sigma,
+    )
+    assert_same(got, expected)
+
+
+def test_sd3_controlnets_compose_as_the_stock_sd3_multi_controlnet_pipeline():
+    branch = make_sd3_branch()
+    transformer = branch.main_network
+    nets = [perturb(branch.side_network, 1), perturb(tiny_sd3_controlnet(transformer, 3), 2)]
+    pipe = StableDiffusion3ControlNetPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None, controlnet=nets,
+    )  # fmt: skip
+    assert type(pipe.controlnet).__name__ == "SD3MultiControlNetModel"
+    pipe.set_progress_bar_config(disable=True)
+    ctx = text_context()
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, LATENT, LATENT, generator=g)
+    recorders = [CallRecorder(net) for net in nets]
+    controls = dict(conditioning_scale=[0.8, 1.2], control_guidance_start=[0.0, 0.5],
+                    control_guidance_end=[0.75, 1.0])  # fmt: skip
+    expected = pipe(
+        prompt_embeds=ctx.encoder_hidden_states,
+        pooled_prompt_embeds=ctx.extra["pooled_projections"],
+        control_image=[torch.rand(2, 3, 2 * LATENT, 2 * LATENT, generator=g) for _ in nets],
+        height=2 * LATENT,
+        width=2 * LATENT,
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        latents=latents,
+        output_type="latent",
+        controlnet_conditioning_scale=controls["conditioning_scale"],
+        control_guidance_start=controls["control_guidance_start"],
+        control_guidance_end=controls["control_guidance_end"],
+    ).images
+    # The VAE-encoded control images, as each ControlNet received them.
+    conditions = [r.calls[0][1]["controlnet_cond"] for r in recorders]
+    for r in recorders:
+        r.remove()
+    composed = ComposedBranch.from_side_networks(SD3ControlNetBranch, transformer, nets, **controls)
+    got = sample(composed, conditions, ctx, FlowMatchEulerDiscreteScheduler(),
+                 num_inference_steps=STEPS, latents=latents)  # fmt: skip
+    assert_same(got, expected)
+
+
+def test_flux_controlnets_compose_as_the_stock_flux_multi_controlnet_pipeline():
+    branch = make_flux_branch()
+    transformer = branch.main_network
+    nets = [perturb(branch.side_network, 1), perturb(tiny_flux_controlnet(transformer, 2, 2), 2)]
+    pipe = FluxControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(shift_factor=0.0),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        transformer=transformer, controlnet=nets,
+    )  # fmt: skip
+    assert type(pipe.controlnet).__name__ == "FluxMultiControlNetModel"
+    pipe.set_progress_bar_config(disable=True)
+    ctx = text_context()
+    g = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 4, LATENT, LATENT, generator=g)
+    recorders = [CallRecorder(net) for net in nets]
+    controls = dict(conditioning_scale=[1.0, 0.6], control_guidance_start=[0.25, 0.0],
+                    control_guidance_end=[1.0, 0.5])  # fmt: skip
+    tokens = pipe(
+        prompt_embeds=ctx.encoder_hidden_states,
+        pooled_prompt_embeds=ctx.extra["pooled_projections"],
+        control_image=[torch.rand(2, 3, 2 * LATENT, 2 * LATENT, generator=g) for _ in nets],
+        height=2 * LATENT,
+        width=2 * LATENT,
+        num_inference_steps=STEPS,
+        guidance_scale=3.5,
+        latents=pack_latents(latents),
+        output_type="latent",
+        controlnet_conditioning_scale=controls["conditioning_scale"],
+        control_guidance_start=controls["control_guidance_start"],
+        control_guidance_end=controls["control_guidance_end"],
+    ).images
+    conditions = [
+        unpack_latents(r.calls[0][1]["controlnet_cond"], LATENT, LATENT) for r in recorders
+    ]
+    for r in recorders:
+        r.remove()
+    composed = ComposedBranch.from_side_networks(FluxControlNetBranch, transformer, nets, **controls)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    got = sample(composed, conditions, ctx, scheduler, num_inference_steps=STEPS, latents=latents,
+                 schedule=pipeline_schedule(scheduler, LATENT, LATENT, STEPS))  # fmt: skip
+    assert_same(pack_latents(got), tokens)
+
+
+def test_t2i_adapters_compose_as_the_stock_multi_adapter_pipeline():
+    branch = make_t2i_branch()
+    unet = branch.main_network
+    torch.manual_seed(13)
+    second = T2IAdapterBranch.from_main(unet, condition_downscale=2, num_res_blocks=1)
+    adapters = [branch.side_network, second.side_network]
+    pipe = StableDiffusionAdapterPipeline(
+        vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet, adapter=adapters,
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    assert type(pipe.adapter).__name__ == "MultiAdapter"
+    pipe.set_progress_bar_config(disable=True)
+    ctx = text_context()
+    g = torch.Generator().manual_seed(5)
+    conditions = [torch.rand(2, 3, 2 * LATENT, 2 * LATENT, generator=g) for _ in adapters]
+    latents = torch.randn(2, 4, LATENT, LATENT, generator=g)
+    expected = pipe(
+        prompt_embeds=ctx.encoder_hidden_states,
+        image=conditions,
+        height=2 * LATENT,
+        width=2 * LATENT,
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        latents=latents,
+        output_type="latent",
+        adapter_conditioning_scale=[1.0, 0.6],
+    ).images
+    composed = ComposedBranch.from_side_networks(
+        T2IAdapterBranch, unet, adapters, conditioning_scale=[1.0, 0.6]
+    )
+    scheduler = DDIMScheduler()
+    got = sample(composed, conditions, ctx, scheduler, num_inference_steps=STEPS,
+                 latents=latents * scheduler.init_noise_sigma)  # fmt: skip
+    assert_same(got, expected)
+
+
+# ----------------------------------------------------------------------------- scales and windows
+
+
+@pytest.fixture(scope="module")
+def pixel_pair():
+    """A tiny pixel-space UNet and two ControlNets for it, set apart."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_unet(sample_size=16, block_out_channels=(16, 32),
+                                            cross_attention_dim=16, layers_per_block=1))  # fmt: skip
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        branch = UNetControlNetBranch.from_main(unet, condition_downscale=1)
+        nets.append(perturb(branch.side_network, seed))
+    g = torch.Generator().manual_seed(6)
+    conditions = [torch.rand(2, 3, 16, 16, generator=g) for _ in nets]
+    latents = torch.randn(2, 3, 16, 16, generator=g)
+    context = Context(torch.zeros(2, 1, 16))
+    return unet, nets, conditions, latents, context
+
+
+def run_sampler(branch, conditions, latents, context, steps=5):
+    scheduler = DDIMScheduler()
+    return sample(branch, conditions, context, scheduler, num_inference_steps=steps,
+                  latents=latents * scheduler.init_noise_sigma)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "controls",
+    [
+        dict(conditioning_scale=[1.0, 0.0]),
+        # No step i of 5 has i / 5 >= 0.9 and (i + 1) / 5 <= 1: the window excludes every step.
+        dict(control_guidance_start=[0.0, 0.9], control_guidance_end=[1.0, 1.0]),
+    ],
+    ids=["scale0", "closed_window"],
+)
+def test_a_network_at_scale_zero_or_outside_every_step_changes_nothing(pixel_pair, controls):
+    unet, (a, b), (ca, cb), latents, context = pixel_pair
+    alone = run_sampler(UNetControlNetBranch(unet, a), ca, latents, context)
+    with_b = ComposedBranch.from_side_networks(UNetControlNetBranch, unet, [a, b], **controls)
+    assert torch.equal(run_sampler(with_b, [ca, cb], latents, context), alone)
+    one = ComposedBranch.from_side_networks(UNetControlNetBranch, unet, [a])
+    assert torch.equal(run_sampler(one, [ca], latents, context), alone)
+    # ... while B at scale 1 over every step does change the samples.
+    both = ComposedBranch.from_side_networks(UNetControlNetBranch, unet, [a, b])
+    assert not torch.allclose(run_sampler(both, [ca, cb], latents, context), alone, atol=1e-3)
+
+
+def test_windows_select_exactly_the_steps_diffusers_documents(pixel_pair):
+    """Network k acts at step i of n when i / n >= start_k and (i + 1) / n <= end_k."""
+    unet, nets, conditions, latents, context = pixel_pair
+    windows = [(0.0, 0.5), (0.3, 1.0)]
+    steps = 10
+    branch = ComposedBranch.from_side_networks(
+        UNetControlNetBranch, unet, nets,
+        control_guidance_start=[s for s, _ in windows], control_guidance_end=[e for _, e in windows],
+    )  # fmt: skip
+    calls = [0, 0]
+    main_calls = []
+    acted: list[list[int]] = [[], []]
+
+    def counter(k):
+        def hook(module, args):
+            calls[k] += 1
+
+        return hook
+
+    handles = [net.register_forward_pre_hook(counter(k)) for k, net in enumerate(nets)]
+    handles.append(unet.register_forward_pre_hook(lambda m, a: main_calls.append(list(calls))))
+    run_sampler(branch, conditions, latents, context, steps=steps)
+    for h in handles:
+        h.remove()
+    previous = [0, 0]
+    for i, counts in enumerate(main_calls):
+        for k in (0, 1):
+            if counts[k] > previous[k]:
+                acted[k].append(i)
+        previous = counts
+    assert acted[0] == [0, 1, 2, 3, 4]
+    assert acted[1] == [3, 4, 5, 6, 7, 8, 9]
+    for k, (start, end) in enumerate(windows):
+        assert acted[k] == [i for i in range(steps) if keep(i, steps, start, end) == 1.0]
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_mismatches_are_refused_in_one_line(pixel_pair):
+    unet, (a, b), (ca, cb), latents, context = pixel_pair
+
+    def refused(error, call, *words):
+        with pytest.raises(error) as e:
+            call()
+        message = str(e.value)
+        assert "\n" not in message
+        for word in words:
+            assert word in message, message
+
+    torch.manual_seed(0)
+    other_unet = UNet2DConditionModel(**tiny_unet(sample_size=16, block_out_channels=(8, 16),
+                                                  cross_attention_dim=16, layers_per_block=1))
+    foreign = UNetControlNetBranch.from_main(other_unet, condition_downscale=1).side_network
+    refused(ModelError, lambda: ComposedBranch.from_side_networks(
+        UNetControlNetBranch, unet, [a, foreign]), "does not fit the main network")  # fmt: skip
+    adapter = T2IAdapterBranch.from_main(unet, condition_downscale=1).side_network
+    refused(ModelError, lambda: ComposedBranch.from_side_networks(
+        UNetControlNetBranch, unet, [a, adapter]), "one kind")  # fmt: skip
+    refused(ModelError, lambda: ComposedBranch(
+        [UNetControlNetBranch(unet, a), T2IAdapterBranch(unet, adapter)]), "one family and kind")
+    copy = UNet2DConditionModel.from_config(unet.config)
+    refused(ModelError, lambda: ComposedBranch(
+        [UNetControlNetBranch(unet, a), UNetControlNetBranch(copy, b)]), "one main network")
+    branch = ComposedBranch.from_side_networks(UNetControlNetBranch, unet, {"pose": a, "seg": b})
+    x_t, t = latents, torch.tensor([10, 10])
+    refused(ConfigError, lambda: branch(x_t, t, context, [ca]), "1 condition(s) for 2")
+    refused(ConfigError, lambda: branch(x_t, t, context, ca), "one condition each")
+    refused(ConfigError, lambda: branch(x_t, t, context, {"pose": ca, "depth": cb}), "named")
+    refused(ModelError, lambda: branch(x_t, t, context, [ca, cb[:, :1]]), "(B, 3, H, W)")
+    refused(ModelError, lambda: branch(x_t, t, context, [ca, cb[..., :8, :8]]), "needs (16, 16)")
+    for key, values in [("conditioning_scale", [1.0, 0.5, 0.2]),
+                        ("control_guidance_start", [0.0, 0.1, 0.2])]:  # fmt: skip
+        refused(ConfigError, lambda key=key, values=values: ComposedBranch.from_side_networks(
+            UNetControlNetBranch, unet, [a, b], **{key: values}), f"{key} has 3 values for 2")
+    refused(ConfigError, lambda: ComposedBranch.from_side_networks(
+        UNetControlNetBranch, unet, [a, b], control_guidance_start=[0.0, 0.6],
+        control_guidance_end=[1.0, 0.6]), "start < end")  # fmt: skip
+    refused(ConfigError, lambda: ComposedBranch.from_side_networks(
+        UNetControlNetBranch, unet, {"a.b": a}), "letters, digits")  # fmt: skip
+
+
+def test_sd3_networks_of_different_depths_are_refused():
+    branch = make_sd3_branch()
+    deeper = tiny_sd3_controlnet(branch.main_network, 2)
+    composed = ComposedBranch.from_side_networks(
+        SD3ControlNetBranch, branch.main_network, [branch.side_network, deeper]
+    )
+    x = torch.randn(2, 4, LATENT, LATENT)
+    with pytest.raises(ModelError, match="give 3 and 2 residuals"):
+        composed(x, torch.tensor([500.0, 500.0]), text_context(), [x, x])
