@@ -389,3 +389,146 @@ def test_sd3_networks_of_different_depths_are_refused():
     x = torch.randn(2, 4, LATENT, LATENT)
     with pytest.raises(ModelError, match="give 3 and 2 residuals"):
         composed(x, torch.tensor([500.0, 500.0]), text_context(), [x, x])
+
+
+# ----------------------------------------------------------------------------- the two-condition task
+
+
+def task_images(samples) -> torch.Tensor:
+    stacked = np.stack([s.image for s in samples]).astype(np.float32)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def test_the_two_condition_task_scores_both_conditions_and_has_single_condition_views():
+    from lisa_control.data.multi import select_task_conditions
+    from lisa_control.data.tasks import TaskDataset, get_task
+
+    task = get_task("pose_segmentation", resolution=32)
+    samples = [task.sample(3, i) for i in range(16)]
+    truth = task.fidelity(task_images(samples), samples)
+    assert truth["pck"] == 1.0 and truth["miou"] == 1.0 and truth["fidelity"] == 1.0
+    shuffled = task.fidelity(task_images(samples[1:] + samples[:1]), samples)
+    assert shuffled["pck"] < 0.5 and shuffled["miou"] < 0.5
+    assert set(samples[0].condition) == {"pose", "segmentation"}
+    item = TaskDataset(task, size=4)[0]
+    assert set(item["conditioning_pixel_values"]) == {"pose", "segmentation"}
+    assert TaskDataset(task, size=4).condition_names == ("pose", "segmentation")
+    for name, metric in (("pose", "pck"), ("segmentation", "miou")):
+        view = select_task_conditions(task, name)
+        assert view.metric_name == metric and view.conditions == (name,)
+        sample = view.sample(3, 0)
+        assert np.array_equal(sample.image, samples[0].image)
+        assert np.array_equal(sample.condition, samples[0].condition[name])
+    assert select_task_conditions(task, "conditioning_image").conditions == task.condition_names
+    with pytest.raises(ConfigError, match="renders the conditions pose, segmentation"):
+        select_task_conditions(task, ["pose", "depth"])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_argv(model, out, steps, *extra):
+    argv = ["train", "--pretrained_model_name_or_path", model, "--task", "pose_segmentation",
+            "--resolution", 16, "--train_batch_size", 2, "--max_train_steps", steps,
+            "--checkpointing_steps", 2, "--validation_steps", 4, "--validation_conditions", 2,
+            "--validation_inference_steps", 2, "--learning_rate", 1e-3, "--report_to", "none",
+            "--output_dir", out, "--no-progress", *extra]  # fmt: skip
+    return [str(a) for a in argv]
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    """Four steps of `lisa train` on both conditions of the two-condition task, with LISA."""
+    root = tmp_path_factory.mktemp("joint")
+    model = make_pixel_model(root / "model", resolution=16, task="pose_segmentation")
+    out = root / "run"
+    assert main(train_argv(model, out, 4)) == 0
+    return model, out
+
+
+def test_joint_training_trains_and_saves_one_network_per_condition_with_lisa_on_each(joint_run):
+    from safetensors.torch import load_file
+
+    _, out = joint_run
+    log = read_log(out / "loss_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    for record in log:
+        for side in ("pose", "segmentation"):
+            assert {f"{side}/aux_loss", f"{side}/aux_loss_ratio", f"{side}/lisa_loss"} <= set(record)
+        assert record["lisa_loss"] == pytest.approx(
+            record["pose/lisa_loss"] + record["segmentation/lisa_loss"], rel=1e-5
+        )
+    # Two decoders on two networks: their losses part after the first update.
+    assert log[-1]["pose/aux_loss"] != log[-1]["segmentation/aux_loss"]
+    for step in (2, 4):
+        side = out / f"checkpoint-{step}" / "side_network"
+        assert sorted(p.name for p in side.iterdir()) == ["pose", "segmentation"]
+    for name in ("pose", "segmentation"):
+        folder = out / "controlnet" / name
+        assert ControlNetModel.from_pretrained(folder).config.conditioning_channels == 3
+        keys = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+        assert not any("decoder" in k for k in keys)
+    validation = read_log(out / "validation.jsonl")
+    assert validation[-1]["step"] == 4 and {"pck", "miou", "fidelity"} <= set(validation[-1])
+    assert (out / "validation" / "step-4.png").is_file()
+
+
+def test_joint_training_resumes_bit_exactly(joint_run, tmp_path):
+    from safetensors.torch import load_file
+
+    model, reference = joint_run
+    out = tmp_path / "resumed"
+    assert main(train_argv(model, out, 2)) == 0
+    assert main(train_argv(model, out, 4, "--resume_from_checkpoint", "latest")) == 0
+    expected, got = read_log(reference / "loss_log.jsonl"), read_log(out / "loss_log.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(expected, got):
+        assert {k: v for k, v in a.items() if k != "step_seconds"} == {
+            k: v for k, v in b.items() if k != "step_seconds"
+        }
+    for name in ("pose", "segmentation"):
+        file = Path("controlnet") / name / "diffusion_pytorch_model.safetensors"
+        wa, wb = load_file(str(reference / file)), load_file(str(out / file))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_folder_with_two_condition_columns_trains_two_networks(tmp_path):
+    from lisa_control.data.multi import MultiConditionDataset
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for k in range(4):
+        for kind in ("img", "pose", "seg"):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(data / f"{kind}{k}.png")
+        rows.append({"image": f"img{k}.png", "pose": f"pose{k}.png", "seg": f"seg{k}.png",
+                     "text": ""})  # fmt: skip
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = MultiConditionDataset(data, conditioning_image_columns=["pose", "seg"], resolution=16)
+    item = dataset[1]
+    assert set(item["conditioning_pixel_values"]) == {"pose", "seg"}
+    expected = np.asarray(Image.open(data / "seg1.png"), dtype=np.float32) / 255
+    assert np.allclose(item["conditioning_pixel_values"]["seg"].permute(1, 2, 0).numpy(), expected,
+                       atol=1e-6)  # fmt: skip
+    from lisa_control.core.errors import DataError
+
+    with pytest.raises(DataError, match="no column 'depth'"):
+        MultiConditionDataset(data, conditioning_image_columns=["pose", "depth"], resolution=16)
+
+    model = make_pixel_model(tmp_path / "model", resolution=16)
+    out = tmp_path / "run"
+    argv = ["train", "--pretrained_model_name_or_path", model, "--train_data_dir", data,
+            "--conditioning_image_column", "pose", "seg", "--resolution", 16,
+            "--train_batch_size", 2, "--max_train_steps", 2, "--validation_steps", 2,
+            "--validation_image", data / "pose0.png", data / "seg0.png",
+            "--num_validation_images", 1, "--validation_inference_steps", 2,
+            "--regularizer", "none", "--report_to", "none", "--output_dir", out, "--no-progress"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    assert sorted(p.name for p in (out / "controlnet").iterdir()) == ["pose", "seg"]
+    assert (out / "validation" / "step-2.png").is_file()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.branch import Context
+from ..core.errors import ConfigError
 from .images import image_grid, to_uint8
 
 # Held-out conditions of an embedded task come from stream HELD_OUT_SEED + seed, which the
@@ -56,6 +57,41 @@ def inference_schedule(model, height: int, width: int, num_inference_steps: int)
     return model.family.inference_schedule(
         model, evaluation_scheduler(model.scheduler), height, width, num_inference_steps
     )
+
+
+def _each(fn, conditions):
+    """``fn`` on a condition batch, or on each of a mapping name -> batch (several conditions)."""
+    if isinstance(conditions, dict):
+        return {name: fn(c) for name, c in conditions.items()}
+    return fn(conditions)
+
+
+def _first(conditions) -> torch.Tensor:
+    return next(iter(conditions.values())) if isinstance(conditions, dict) else conditions
+
+
+def _condition_batch(rendered: list) -> torch.Tensor | dict:
+    """Rendered conditions (H, W, C) uint8, or mappings name -> such, as a (N, C, H, W) batch in
+    [0, 1], or a mapping name -> batch."""
+    if isinstance(rendered[0], dict):
+        return {name: _condition_batch([r[name] for r in rendered]) for name in rendered[0]}
+    return torch.stack([torch.from_numpy(c).permute(2, 0, 1).float() / 255 for c in rendered])
+
+
+def _grouped_validation_images(cfg, names, resolution: int):
+    """``--validation_image`` for several conditions: taken ``len(names)`` at a time, one per
+    condition in their order; returns the mapping name -> (N, 3, R, R) and N."""
+    from ..data.images import load_image, to_condition_tensor
+
+    images, k = list(cfg.validation_image), len(names)
+    if len(images) % k:
+        raise ConfigError(
+            f"--validation_image gives {len(images)} image(s) for {k} conditions "
+            f"({', '.join(names)}); give {k} per validation sample, in that order."
+        )
+    tensors = [to_condition_tensor(load_image(p), resolution) for p in images]
+    batch = {name: torch.stack(tensors[j::k]) for j, name in enumerate(names)}
+    return batch, len(images) // k
 
 
 class Validator:
@@ -118,6 +154,22 @@ class Validator:
 
             resolution = sample_size * model.vae_scale_factor
             images, prompts = cfg.validation_image, cfg.validation_prompt or [""]
+            names = getattr(dataset, "condition_names", ())
+            if len(names) > 1:
+                conds, n = _grouped_validation_images(cfg, names, resolution)
+                if len(prompts) not in (1, n):
+                    raise ConfigError(
+                        f"--validation_prompt gives {len(prompts)} prompts for {n} validation "
+                        "samples; give one, or one per sample."
+                    )
+                prompts = prompts * n if len(prompts) == 1 else prompts
+                ctx = encoders.prompt_context(prompts)
+                neg = None
+                if cfg.validation_guidance_scale > 1:
+                    neg = encoders.prompt_context([""] * n)
+                return cls(
+                    conds, ctx, neg, samples_per_condition=cfg.num_validation_images, **common
+                )
             n = max(len(images), len(prompts))
             images = images * n if len(images) == 1 else images
             prompts = prompts * n if len(prompts) == 1 else prompts
@@ -127,9 +179,7 @@ class Validator:
             return cls(conds, ctx, neg, samples_per_condition=cfg.num_validation_images, **common)
         task = dataset.task
         held_out = held_out_task_samples(task, cfg.validation_conditions, cfg.seed or 0)
-        conds = torch.stack(
-            [torch.from_numpy(s.condition).permute(2, 0, 1).float() / 255 for s in held_out]
-        )
+        conds = _condition_batch([s.condition for s in held_out])
         ctx = encoders.null_context(len(held_out))
         feature_distance = None
         if cfg.validation_feature_distance:
@@ -153,15 +203,16 @@ class Validator:
 
         device = next(branch.side_network.parameters()).device
         if self._side_conditions is None:
-            self._side_conditions = self.encode_condition(self.conditions.to(device))
+            on_device = _each(lambda c: c.to(device), self.conditions)
+            self._side_conditions = self.encode_condition(on_device)
         outputs = []
         for k in range(self.samples_per_condition):
             g = torch.Generator(device="cpu").manual_seed(self.seed + k)
-            n = self.conditions.shape[0]
+            n = _first(self.conditions).shape[0]
             latents = torch.randn((n, *self.latent_shape), generator=g).to(device)
             x0 = sample(
                 branch,
-                self._side_conditions.to(device),
+                _each(lambda c: c.to(device), self._side_conditions),
                 self.contexts.to(device),
                 self.scheduler,
                 num_inference_steps=self.steps,
@@ -179,9 +230,12 @@ class Validator:
         images = self.generate(branch)
         branch.train(was_training)
         rows = []
-        cond_u8 = to_uint8(self.conditions, signed=False)
+        # One column per condition (several conditions: each, in order).
+        conditions = self.conditions
+        conditions = list(conditions.values()) if isinstance(conditions, dict) else [conditions]
+        cond_u8 = [to_uint8(c, signed=False) for c in conditions]
         for i in range(images.shape[0]):
-            row = [cond_u8[i]] + list(to_uint8(images[i]))
+            row = [c[i] for c in cond_u8] + list(to_uint8(images[i]))
             if self.task_samples is not None:
                 row.append(self.task_samples[i].image)
             rows.append(row)

@@ -74,7 +74,12 @@ class FrozenEncoders:
     def encode_condition(self, condition: torch.Tensor) -> torch.Tensor:
         """The condition as the side network takes it: VAE latents of the control image (in
         [0, 1], mapped to [-1, 1] first, as the SD3/Flux ControlNet pipelines do) for
-        ``condition_in_latent_space`` models, else the image itself."""
+        ``condition_in_latent_space`` models, else the image itself. Several conditions (a
+        mapping name -> image, or a list) are encoded each."""
+        if isinstance(condition, dict):
+            return {name: self.encode_condition(c) for name, c in condition.items()}
+        if isinstance(condition, (list, tuple)):
+            return [self.encode_condition(c) for c in condition]
         condition = condition.to(self.device)
         if not self.model.condition_in_latent_space:
             return condition

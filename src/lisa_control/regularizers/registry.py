@@ -27,7 +27,12 @@ def register_regularizer(name: str, builder: RegularizerBuilder) -> RegularizerB
 def build_regularizers(
     names, branch, sample_size: int, settings: Mapping[str, Any]
 ) -> list[Regularizer]:
-    """The regularizers ``names`` (``"none"`` selects nothing) for ``branch``."""
+    """The regularizers ``names`` (``"none"`` selects nothing) for ``branch``; for a branch with
+    several side networks (``side_branches``), each one built per side network
+    (:class:`~lisa_control.regularizers.per_network.PerSideNetwork`)."""
+    from .per_network import PerSideNetwork
+
+    side_branches = getattr(branch, "side_branches", None)
     regularizers = []
     for name in names:
         if name == "none":
@@ -36,5 +41,10 @@ def build_regularizers(
             raise ConfigError(
                 f"unknown regularizer {name!r}; choose from none, {', '.join(sorted(REGULARIZERS))}."
             )
-        regularizers.append(REGULARIZERS[name](branch, sample_size, settings))
+        builder = REGULARIZERS[name]
+        if side_branches is not None:
+            parts = {side: builder(b, sample_size, settings) for side, b in side_branches.items()}
+            regularizers.append(PerSideNetwork(parts))
+        else:
+            regularizers.append(builder(branch, sample_size, settings))
     return regularizers

@@ -68,7 +68,7 @@ def build(cfg: TrainConfig, accelerator) -> Training:
     model = load_model(cfg)
     dataset, resolution = build_dataset(cfg, model)
     sample_size, condition_channels = data_shapes(model, dataset, resolution)
-    branch = build_branch(cfg, model, condition_channels)
+    branch = build_branch(cfg, model, condition_channels, getattr(dataset, "condition_names", ()))
     regularizers = build_regularizers(cfg, branch, sample_size)
     objective = model.training_objective(cfg.prediction_type, cfg.timestep_sampler)
     step_module = ControlTrainingStep(branch, objective, regularizers)
@@ -117,19 +117,26 @@ def build_dataset(cfg: TrainConfig, model):
     resolution = cfg.resolution or model.resolution
     task = cfg.task or (None if cfg.train_data_dir or cfg.dataset_name else model.task)
     if task:
+        from ..data.multi import select_task_conditions
         from ..data.tasks import TaskDataset, get_task
 
         task = get_task(task, resolution=resolution)
+        task = select_task_conditions(task, cfg.conditioning_image_column)
         return TaskDataset(task, size=cfg.task_train_size, seed=cfg.seed or 0), resolution
     if not (cfg.train_data_dir or cfg.dataset_name):
         raise ConfigError("no training data: pass --train_data_dir, --dataset_name or --task.")
     from ..data.folder import ControlDataset
 
+    columns = {"conditioning_image_column": cfg.conditioning_image_column}
+    if not isinstance(cfg.conditioning_image_column, str):  # several conditions
+        from ..data.multi import MultiConditionDataset as ControlDataset
+
+        columns = {"conditioning_image_columns": cfg.conditioning_image_column}
     dataset = ControlDataset(
         cfg.train_data_dir or cfg.dataset_name,
         resolution=resolution,
         image_column=cfg.image_column,
-        conditioning_image_column=cfg.conditioning_image_column,
+        **columns,
         caption_column=cfg.caption_column,
         proportion_empty_prompts=cfg.proportion_empty_prompts,
         seed=cfg.seed or 0,
@@ -163,10 +170,16 @@ def build_encoders(cfg: TrainConfig, model, device, dtype):
 # ----------------------------------------------------------------------------- networks
 
 
-def build_branch(cfg: TrainConfig, model, condition_channels: int):
-    """The dual branch of the main model's family, with a new or loaded side network."""
+def build_branch(cfg: TrainConfig, model, condition_channels: int, condition_names=()):
+    """The dual branch of the main model's family, with a new or loaded side network; with
+    several ``condition_names``, one side network per condition, composed."""
     from ..families import branch_class
     from ..families.loading import load_side_network
+
+    if len(condition_names) > 1:
+        from .composition import build_composed_branch
+
+        return build_composed_branch(cfg, model, condition_channels, condition_names)
 
     cls = branch_class(model.family, cfg.side_network)
     side_network = None

@@ -164,12 +164,17 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load_side_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The side network's weights; for several side networks (one sub-folder each, as a
+    composed branch saves them) every key is prefixed with its folder's name."""
     files = sorted((path / SIDE_DIR).glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path / SIDE_DIR} holds no .safetensors weights.")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    if not files:
+        for f in sorted((path / SIDE_DIR).glob("*/*.safetensors")):
+            state.update({f"{f.parent.name}.{k}": v for k, v in load_file(str(f)).items()})
+    if not state:
+        raise CheckpointError(f"{path / SIDE_DIR} holds no .safetensors weights.")
     return state
 
 

@@ -78,7 +78,12 @@ class TrainConfig:
     dataset_config_name: str | None = flag(None)
     train_data_dir: str | None = flag(None, fingerprint=True)
     image_column: str = flag("image")
-    conditioning_image_column: str = flag("conditioning_image")
+    conditioning_image_column: str | list[str] = flag(
+        "conditioning_image",
+        "column of the condition images; several (e.g. pose seg) train one side network per "
+        "condition together, saved to output_dir/controlnet/<column>/; for a --task that renders "
+        "several conditions, the ones to train on (default: all)",
+    )
     caption_column: str = flag("text")
     max_train_samples: int | None = flag(None)
     task_train_size: int = flag(100_000)
@@ -215,6 +220,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.regularizer = normalize_regularizer(self.regularizer)
+        # One column stays a string (the single-condition spelling); several stay a list.
+        column = self.conditioning_image_column
+        if not isinstance(column, str) and len(column) == 1:
+            self.conditioning_image_column = str(column[0])
 
     @property
     def regularizer_names(self) -> tuple[str, ...]:

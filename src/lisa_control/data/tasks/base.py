@@ -152,6 +152,11 @@ class ProceduralTask:
         return f"{type(self).__name__}(resolution={self.resolution})"
 
 
+def condition_tensor(condition: np.ndarray) -> torch.Tensor:
+    """A rendered condition (H, W, C) uint8 as the side network takes it: (C, H, W) in [0, 1]."""
+    return (torch.from_numpy(condition.astype(np.float32)).permute(2, 0, 1) / 255).contiguous()
+
+
 class TaskDataset(Dataset):
     """``size`` samples of ``task``, rendered on the fly: item i is ``task.sample(seed, i)``.
     Items are read by index or by ``(epoch, index)``, the trainer's keys; the epoch changes
@@ -174,14 +179,22 @@ class TaskDataset(Dataset):
             raise IndexError(f"index {i} out of range for a task dataset of {self.size} items")
         return self.task.sample(self.seed, i % self.size)
 
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        """The conditions a task with several renders (``conditions``), empty for the others."""
+        return tuple(getattr(self.task, "conditions", ()))
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         _, i = split_key(key)
         s = self.sample(i)
         image = torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
-        condition = torch.from_numpy(s.condition.astype(np.float32)).permute(2, 0, 1) / 255
+        if isinstance(s.condition, dict):  # several conditions: a mapping name -> tensor
+            condition = {name: condition_tensor(c) for name, c in s.condition.items()}
+        else:
+            condition = condition_tensor(s.condition)
         return {
             "pixel_values": image.contiguous(),
-            "conditioning_pixel_values": condition.contiguous(),
+            "conditioning_pixel_values": condition,
             "caption": s.caption,
             "index": int(i % self.size),
         }
