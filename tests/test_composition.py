@@ -532,3 +532,161 @@ def test_a_folder_with_two_condition_columns_trains_two_networks(tmp_path):
     assert main([str(a) for a in argv]) == 0
     assert sorted(p.name for p in (out / "controlnet").iterdir()) == ["pose", "seg"]
     assert (out / "validation" / "step-2.png").is_file()
+
+
+# ----------------------------------------------------------------------------- lisa sample
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def save_png(array: np.ndarray, path: Path) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def conditions(tmp_path_factory):
+    """Two held-out pose and segmentation conditions of the two-condition task, as files and as
+    two folders."""
+    from lisa_control.data.tasks import get_task
+
+    root = tmp_path_factory.mktemp("conditions")
+    task = get_task("pose_segmentation", resolution=16)
+    for name in ("pose", "segmentation"):
+        (root / name).mkdir()
+    for i in range(2):
+        s = task.sample(99, i)
+        for name in ("pose", "segmentation"):
+            save_png(s.condition[name], root / name / f"c{i}.png")
+    return root
+
+
+def test_lisa_sample_composes_networks_as_the_library_does(joint_run, conditions, tmp_path):
+    from lisa_control.eval.conditions import load_condition_tensors, read_conditions
+    from lisa_control.eval.generate import SideNetworkSampler
+    from lisa_control.eval.images import to_uint8
+    from lisa_control.families.loading import load_main_model
+
+    model, run = joint_run
+    nets = [run / "controlnet" / "pose", run / "controlnet" / "segmentation"]
+    out = tmp_path / "samples"
+    argv = ["sample", "--controlnet", *nets, "--pretrained_model_name_or_path", model,
+            "--image", conditions / "pose", conditions / "segmentation",
+            "--conditioning_scale", 1.0, 0.8, "--control_guidance_start", 0, 0.2,
+            "--control_guidance_end", 1, 0.8, "--num_inference_steps", 3, "--output_dir", out]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["c0.png", "c1.png", "grid.png"]
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape[1] > 3 * 16  # pose | segmentation | sample per row
+
+    sampler = SideNetworkSampler(
+        load_main_model(str(model)), nets, num_inference_steps=3, device="cpu",
+        conditioning_scale=[1.0, 0.8], control_guidance_start=[0, 0.2],
+        control_guidance_end=[1, 0.8],
+    )  # fmt: skip
+    tensors = [
+        load_condition_tensors(read_conditions([conditions / name]), 16)
+        for name in ("pose", "segmentation")
+    ]
+    images = to_uint8(sampler(tensors, ["", ""], seed=0))
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(out / f"c{i}.png")), images[i])
+    alone = SideNetworkSampler(load_main_model(str(model)), nets[0], num_inference_steps=3,
+                               device="cpu")  # fmt: skip
+    assert not np.array_equal(to_uint8(alone(tensors[0], ["", ""], seed=0)), images)
+
+
+def test_lisa_sample_composes_stable_diffusion_controlnets_through_the_stock_pipeline(sd, tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe, nets = sd
+    folders = []
+    for k, net in enumerate(nets):
+        net.save_pretrained(tmp_path / f"cn{k}")
+        folders.append(tmp_path / f"cn{k}")
+    pipe.save_pretrained(tmp_path / "sd")
+    g = np.random.default_rng(0)
+    images = [save_png(g.integers(0, 256, (64, 64, 3), dtype=np.uint8), tmp_path / f"c{k}.png")
+              for k in range(2)]  # fmt: skip
+    controls = ["--conditioning_scale", 1.0, 0.7, "--control_guidance_start", 0, 0.5]
+    out = tmp_path / "out"
+    argv = ["sample", "--controlnet", *folders, "--pretrained_model_name_or_path", tmp_path / "sd",
+            "--image", *images, "--prompt", "item", "--num_inference_steps", 2, "--seed", 5,
+            "--output_dir", out, *controls]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    stock = StableDiffusionControlNetPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "image_encoder"}, controlnet=nets
+    )
+    stock.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    stock.set_progress_bar_config(disable=True)
+    tensors = [torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255)
+               .permute(2, 0, 1)[None] for p in images]  # fmt: skip
+    image = stock("item", image=tensors, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(5), output_type="np",
+                  controlnet_conditioning_scale=[1.0, 0.7], control_guidance_start=[0.0, 0.5],
+                  control_guidance_end=[1.0, 1.0]).images[0]  # fmt: skip
+    expected = (image * 255).round().astype(int)
+    got = np.asarray(Image.open(out / "c0.png")).astype(int)
+    assert np.abs(got - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("one_image", "take --image values 2 at a time"),
+        ("three_scales", "--conditioning_scale has 3 values for 2"),
+        ("empty_window", "must satisfy 0 <= start < end <= 1"),
+        ("adapter", "is a T2IAdapter but --side_network expects ControlNetModel"),
+        ("foreign", "does not fit the main network"),
+        ("uneven_folders", "give 2, 1 conditions"),
+        ("one_column", "--conditioning_image_column with 2 names"),
+    ],
+)
+def test_lisa_sample_refuses_mismatched_compositions_in_one_line(
+    joint_run, conditions, tmp_path, capsys, case, words
+):
+    model, run = joint_run
+    pose, seg = run / "controlnet" / "pose", run / "controlnet" / "segmentation"
+    nets = [pose, seg]
+    images = [conditions / "pose" / "c0.png", conditions / "segmentation" / "c0.png"]
+    extra = []
+    if case == "one_image":
+        images = images[:1]
+    elif case == "three_scales":
+        extra = ["--conditioning_scale", 1, 1, 1]
+    elif case == "empty_window":
+        extra = ["--control_guidance_start", 0.5, "--control_guidance_end", 0.5]
+    elif case == "adapter":
+        from lisa_control.families.loading import load_main_model
+
+        unet = load_main_model(str(model)).main_network
+        T2IAdapterBranch.from_main(unet, condition_downscale=1).save_side_network(tmp_path / "a")
+        nets = [pose, tmp_path / "a"]
+    elif case == "foreign":
+        torch.manual_seed(0)
+        other = UNet2DConditionModel(**tiny_unet(sample_size=16, block_out_channels=(8, 16),
+                                                 cross_attention_dim=16, layers_per_block=1))
+        UNetControlNetBranch.from_main(other, condition_downscale=1).save_side_network(
+            tmp_path / "f"
+        )
+        nets = [pose, tmp_path / "f"]
+    elif case == "uneven_folders":
+        (tmp_path / "one").mkdir()
+        save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "one" / "x.png")
+        images = [conditions / "pose", tmp_path / "one"]
+    elif case == "one_column":
+        (tmp_path / "meta").mkdir()
+        (tmp_path / "meta" / "metadata.jsonl").write_text(
+            json.dumps({"conditioning_image": str(images[0])}) + "\n"
+        )
+        images = [tmp_path / "meta"]
+    out = tmp_path / "out"
+    argv = ["sample", "--controlnet", *nets, "--pretrained_model_name_or_path", model,
+            "--image", *images, "--num_inference_steps", 1, "--output_dir", out, *extra]  # fmt: skip
+    assert main([str(a) for a in argv]) == 2
+    assert words in one_line_error(capsys)
+    assert not out.exists()

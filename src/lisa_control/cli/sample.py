@@ -10,6 +10,12 @@ comes from its own generator seeded by (seed, index), so ``--batch_size`` does n
 images (beyond the float rounding of batched kernels). ``--output_dir`` gets one PNG per sample,
 named after its condition file, and ``grid.png``; ``--output`` writes the grid alone (condition
 | samples, one row per condition).
+
+Several side networks compose (``--controlnet A B``): their residuals are summed, each times its
+``--conditioning_scale`` and inside its ``--control_guidance_start`` / ``--control_guidance_end``
+window, as diffusers' multi-ControlNet pipelines do; ``--image`` then gives one condition per
+network for each sample, in the networks' order (``a.png b.png``, two folders paired by name
+order, or a metadata.jsonl with one ``--conditioning_image_column`` per network).
 """
 
 from __future__ import annotations
@@ -26,7 +32,12 @@ DEFAULT_OUTPUT = "samples.png"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa sample", description=__doc__.split("\n")[0])
-    p.add_argument("--controlnet", required=True, help="a side network folder (diffusers)")
+    p.add_argument(
+        "--controlnet",
+        required=True,
+        nargs="+",
+        help="a side network folder (diffusers), or several to compose (their residuals summed)",
+    )
     p.add_argument(
         "--side_network",
         choices=["controlnet", "t2i_adapter"],
@@ -39,12 +50,39 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="condition image file(s), folder(s) of condition images (all, sorted by name), or "
         "a metadata.jsonl (or a folder holding one) whose conditioning-image column gives the "
-        "conditions and whose caption column gives the prompts",
+        "conditions and whose caption column gives the prompts; with N side networks, N values "
+        "per sample in the networks' order (files, or folders paired by name order)",
     )
     p.add_argument(
         "--conditioning_image_column",
-        default="conditioning_image",
-        help="metadata.jsonl column of the condition images (as in `lisa train`)",
+        default=["conditioning_image"],
+        nargs="+",
+        help="metadata.jsonl column of the condition images (as in `lisa train`); one per side "
+        "network with several",
+    )
+    p.add_argument(
+        "--conditioning_scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="multiplies each side network's residuals: one number, or one per network "
+        "(default 1)",
+    )
+    p.add_argument(
+        "--control_guidance_start",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fraction of the steps after which each side network starts acting: one number, "
+        "or one per network (default 0; diffusers' meaning)",
+    )
+    p.add_argument(
+        "--control_guidance_end",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fraction of the steps after which each side network stops acting: one number, or "
+        "one per network (default 1)",
     )
     p.add_argument(
         "--caption_column",
@@ -104,6 +142,19 @@ def check_args(args) -> None:
             raise ConfigError(f"--{flag} must be >= 1, got {value}.")
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}.")
+    count = len(args.controlnet)
+    for flag in ("conditioning_scale", "control_guidance_start", "control_guidance_end"):
+        values = getattr(args, flag)
+        if values is not None and len(values) not in (1, count):
+            raise ConfigError(
+                f"--{flag} has {len(values)} values for {count} side network(s); give one, or "
+                "one per network in their order."
+            )
+    if count == 1 and len(args.conditioning_image_column) != 1:
+        raise ConfigError(
+            "one side network reads one --conditioning_image_column; give several with several "
+            "--controlnet folders."
+        )
 
 
 def prompts_for(conditions, prompts: list[str] | None) -> list[str]:
@@ -128,15 +179,30 @@ def generate(args) -> Path:
     """Run ``lisa sample``; returns the grid's path."""
     from PIL import Image
 
-    from ..eval.conditions import load_condition_tensors, read_conditions
+    from ..eval.conditions import (
+        load_condition_tensors,
+        read_condition_groups,
+        read_conditions,
+    )
     from ..eval.generate import SideNetworkSampler
     from ..eval.images import image_grid, to_uint8
     from ..families.loading import load_main_model
 
     check_args(args)
-    conditions = read_conditions(
-        args.image, args.conditioning_image_column, args.caption_column or None
-    )
+    several = len(args.controlnet) > 1
+    if several:
+        groups = read_condition_groups(
+            args.image,
+            len(args.controlnet),
+            args.conditioning_image_column,
+            args.caption_column or None,
+        )
+        conditions = [group[0] for group in groups]
+    else:
+        conditions = read_conditions(
+            args.image, args.conditioning_image_column[0], args.caption_column or None
+        )
+        groups = [[c] for c in conditions]
     prompts = prompts_for(conditions, args.prompt)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_main_model(
@@ -146,16 +212,26 @@ def generate(args) -> Path:
     model.check_resolution(resolution)
     sampler = SideNetworkSampler(
         model,
-        args.controlnet,
+        args.controlnet if several else args.controlnet[0],
         args.side_network,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         device=device,
         allow_pickle=args.allow_pickle,
+        conditioning_scale=_one_or_list(args.conditioning_scale),
+        control_guidance_start=_one_or_list(args.control_guidance_start),
+        control_guidance_end=_one_or_list(args.control_guidance_end),
     )
-    tensors = load_condition_tensors(conditions, resolution, sampler.condition_channels)
+    channels = sampler.condition_channels
+    channels = channels if several else [channels]
+    per_network = [
+        load_condition_tensors([g[k] for g in groups], resolution, channels[k])
+        for k in range(len(channels))
+    ]
+    tensors = per_network if several else per_network[0]
     sampler.check_conditions(tensors)
-    rows = [[c] for c in to_uint8(tensors, signed=False)]
+    shown = [to_uint8(t, signed=False) for t in per_network]
+    rows = [[images[i] for images in shown] for i in range(len(conditions))]
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +258,13 @@ def generate(args) -> Path:
     where = f"{count} sample(s) in {out_dir} and " if out_dir is not None else ""
     print(f"wrote {where}{', '.join(map(str, written))}")
     return written[-1]
+
+
+def _one_or_list(values):
+    """A flag's values as the sampler takes them: None, one number, or a list."""
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else list(values)
 
 
 def main(argv=None) -> None:

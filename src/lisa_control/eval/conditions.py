@@ -178,3 +178,68 @@ def load_condition_tensors(
     return torch.stack(
         [to_condition_tensor(load_image(c.path), resolution, channels) for c in conditions]
     )
+
+
+def read_condition_groups(
+    sources: list[str | os.PathLike],
+    count: int,
+    conditioning_image_columns: list[str],
+    caption_column: str | None = "text",
+) -> list[list[ConditionFile]]:
+    """Conditions for ``count`` side networks: one group of ``count`` files per sample, in the
+    networks' order; each group takes its first file's prompt and name.
+
+    ``sources`` are either all ``metadata.jsonl`` files (or folders holding one), whose rows give
+    one group each from the ``count`` columns ``conditioning_image_columns``, or all image files
+    and folders, taken ``count`` at a time: a file is one condition, a folder all its images
+    (sorted); the ``count`` values of a group must give as many conditions each, paired by
+    position.
+    """
+    from ..core.errors import ConfigError
+
+    def metadata_file(source) -> Path | None:
+        path = Path(source).expanduser()
+        if path.is_dir() and (path / METADATA_FILE).is_file():
+            return path / METADATA_FILE
+        if path.suffix.lower() == ".jsonl" and path.is_file():
+            return path
+        return None
+
+    metadata = [metadata_file(s) for s in sources]
+    groups: list[list[ConditionFile]] = []
+    if all(m is not None for m in metadata):
+        if len(conditioning_image_columns) != count:
+            raise ConfigError(
+                f"{count} side networks read {count} columns of a metadata.jsonl: give "
+                f"--conditioning_image_column with {count} names (got "
+                f"{len(conditioning_image_columns)})."
+            )
+        for path in metadata:
+            columns = [
+                metadata_conditions(path, column, caption_column if k == 0 else None)
+                for k, column in enumerate(conditioning_image_columns)
+            ]
+            groups += [list(row) for row in zip(*columns)]
+    elif any(m is not None for m in metadata):
+        raise ConfigError(
+            "with several side networks, give --image either metadata.jsonl sources only or "
+            "image files and folders only."
+        )
+    else:
+        if len(sources) % count:
+            raise ConfigError(
+                f"{count} side networks take --image values {count} at a time (one per network, "
+                f"in their order); got {len(sources)}."
+            )
+        for start in range(0, len(sources), count):
+            lists = [read_conditions([s]) for s in sources[start : start + count]]
+            if len({len(found) for found in lists}) != 1:
+                sizes = ", ".join(str(len(found)) for found in lists)
+                raise ConfigError(
+                    f"--image values {start + 1}..{start + count} give {sizes} conditions; each "
+                    "network needs as many (folders are paired image by image, in name order)."
+                )
+            groups += [list(row) for row in zip(*lists)]
+    for group, name in zip(groups, unique_names([g[0].path.stem for g in groups])):
+        group[0].name = name
+    return groups
