@@ -26,7 +26,6 @@ from diffusers import (
     StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
-    T2IAdapter,
     UNet2DConditionModel,
 )
 from factories import make_pixel_model, make_sd_model
@@ -206,7 +205,9 @@ def test_flux_controlnets_compose_as_the_stock_flux_multi_controlnet_pipeline():
     ]
     for r in recorders:
         r.remove()
-    composed = ComposedBranch.from_side_networks(FluxControlNetBranch, transformer, nets, **controls)
+    composed = ComposedBranch.from_side_networks(
+        FluxControlNetBranch, transformer, nets, **controls
+    )
     scheduler = FlowMatchEulerDiscreteScheduler()
     got = sample(composed, conditions, ctx, scheduler, num_inference_steps=STEPS, latents=latents,
                  schedule=pipeline_schedule(scheduler, LATENT, LATENT, STEPS))  # fmt: skip
@@ -257,8 +258,9 @@ def test_t2i_adapters_compose_as_the_stock_multi_adapter_pipeline():
 def pixel_pair():
     """A tiny pixel-space UNet and two ControlNets for it, set apart."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**tiny_unet(sample_size=16, block_out_channels=(16, 32),
-                                            cross_attention_dim=16, layers_per_block=1))  # fmt: skip
+    config = tiny_unet(sample_size=16, block_out_channels=(16, 32), cross_attention_dim=16,
+                       layers_per_block=1)  # fmt: skip
+    unet = UNet2DConditionModel(**config)
     nets = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -305,7 +307,8 @@ def test_windows_select_exactly_the_steps_diffusers_documents(pixel_pair):
     steps = 10
     branch = ComposedBranch.from_side_networks(
         UNetControlNetBranch, unet, nets,
-        control_guidance_start=[s for s, _ in windows], control_guidance_end=[e for _, e in windows],
+        control_guidance_start=[s for s, _ in windows],
+        control_guidance_end=[e for _, e in windows],
     )  # fmt: skip
     calls = [0, 0]
     main_calls = []
@@ -391,7 +394,7 @@ def test_sd3_networks_of_different_depths_are_refused():
         composed(x, torch.tensor([500.0, 500.0]), text_context(), [x, x])
 
 
-# ----------------------------------------------------------------------------- the two-condition task
+# ----------------------------------------------------------------------------- two conditions
 
 
 def task_images(samples) -> torch.Tensor:
@@ -458,7 +461,8 @@ def test_joint_training_trains_and_saves_one_network_per_condition_with_lisa_on_
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     for record in log:
         for side in ("pose", "segmentation"):
-            assert {f"{side}/aux_loss", f"{side}/aux_loss_ratio", f"{side}/lisa_loss"} <= set(record)
+            keys = {f"{side}/aux_loss", f"{side}/aux_loss_ratio", f"{side}/lisa_loss"}
+            assert keys <= set(record)
         assert record["lisa_loss"] == pytest.approx(
             record["pose/lisa_loss"] + record["segmentation/lisa_loss"], rel=1e-5
         )
@@ -528,7 +532,8 @@ def test_a_folder_with_two_condition_columns_trains_two_networks(tmp_path):
             "--train_batch_size", 2, "--max_train_steps", 2, "--validation_steps", 2,
             "--validation_image", data / "pose0.png", data / "seg0.png",
             "--num_validation_images", 1, "--validation_inference_steps", 2,
-            "--regularizer", "none", "--report_to", "none", "--output_dir", out, "--no-progress"]  # fmt: skip
+            "--regularizer", "none", "--report_to", "none", "--output_dir", out,
+            "--no-progress"]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     assert sorted(p.name for p in (out / "controlnet").iterdir()) == ["pose", "seg"]
     assert (out / "validation" / "step-2.png").is_file()
@@ -577,7 +582,8 @@ def test_lisa_sample_composes_networks_as_the_library_does(joint_run, conditions
     argv = ["sample", "--controlnet", *nets, "--pretrained_model_name_or_path", model,
             "--image", conditions / "pose", conditions / "segmentation",
             "--conditioning_scale", 1.0, 0.8, "--control_guidance_start", 0, 0.2,
-            "--control_guidance_end", 1, 0.8, "--num_inference_steps", 3, "--output_dir", out]  # fmt: skip
+            "--control_guidance_end", 1, 0.8, "--num_inference_steps", 3,
+            "--output_dir", out]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["c0.png", "c1.png", "grid.png"]
     grid = np.asarray(Image.open(out / "grid.png"))
@@ -686,7 +692,49 @@ def test_lisa_sample_refuses_mismatched_compositions_in_one_line(
         images = [tmp_path / "meta"]
     out = tmp_path / "out"
     argv = ["sample", "--controlnet", *nets, "--pretrained_model_name_or_path", model,
-            "--image", *images, "--num_inference_steps", 1, "--output_dir", out, *extra]  # fmt: skip
+            "--image", *images, "--num_inference_steps", 1, "--output_dir", out,
+            *extra]  # fmt: skip
     assert main([str(a) for a in argv]) == 2
     assert words in one_line_error(capsys)
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_benchmark_summary_reports_interference_and_paired_differences():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import composition as bench
+
+    def scores(pose_alone, seg_alone, composed, joint):
+        def cell(pck, miou):
+            return {"pck": pck, "miou": miou, "fidelity": (pck + miou) / 2}
+
+        return {"prior": cell(0, 0.2), "pose_alone": cell(pose_alone, 0.3),
+                "segmentation_alone": cell(0.1, seg_alone), "composed": cell(*composed),
+                "joint_pose_alone": cell(0.5, 0.3), "joint_segmentation_alone": cell(0.1, 0.6),
+                "joint_composed": cell(*joint)}  # fmt: skip
+
+    raw = {
+        "plain": {"0": scores(0.8, 0.7, (0.6, 0.5), (0.7, 0.6)),
+                  "1": scores(0.8, 0.7, (0.4, 0.5), (0.5, 0.5))},
+        "lisa": {"0": scores(0.9, 0.8, (0.8, 0.7), (0.8, 0.7)),
+                 "1": scores(0.9, 0.8, (0.8, 0.8), (0.8, 0.8))},
+    }  # fmt: skip
+
+    class Args:
+        regularizers, seeds, run_dir = ["plain", "lisa"], [0, 1], "/nonexistent"
+
+    summary = bench.summarize(Args, raw)
+    plain = summary["per_regularizer"]["plain"]["derived"]
+    assert plain["pose_interference"]["mean"] == pytest.approx(0.3)  # 0.8 - (0.6, 0.4)
+    assert plain["segmentation_interference"]["mean"] == pytest.approx(0.2)
+    assert plain["joint_gain_pck"]["mean"] == pytest.approx(0.1)
+    lisa = summary["per_regularizer"]["lisa"]["derived"]
+    assert lisa["pose_interference"]["mean"] == pytest.approx(0.1)
+    difference = summary["lisa_minus_plain"]
+    assert difference["composed"]["pck"]["mean"] == pytest.approx(0.3)
+    assert difference["derived"]["pose_interference"]["mean"] == pytest.approx(-0.2)
+    assert summary["per_regularizer"]["plain"]["scores"]["composed"]["pck"]["n"] == 2

@@ -140,9 +140,8 @@ class SideNetworkSampler:
             ),
             "control_guidance_end": 1.0 if control_guidance_end is None else control_guidance_end,
         }
-        self.composed = several or any(
-            v is not None for v in (conditioning_scale, control_guidance_start, control_guidance_end)
-        )
+        controls = (conditioning_scale, control_guidance_start, control_guidance_end)
+        self.composed = several or any(v is not None for v in controls)
         if self.composed:
             # One network with a scale or a window is a composition of one.
             branch = ComposedBranch.from_side_networks(

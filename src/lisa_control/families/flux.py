@@ -327,7 +327,7 @@ class FluxControlNetBranch(DualBranch):
 
     def main_with(self, x_t, timesteps, context: Context, residuals, with_prior=False):
         """The transformer with the summed ``residuals`` (``None``: without any)."""
-        output = self._main(x_t, timesteps, context, (None, None) if residuals is None else residuals)
+        output = self._main(x_t, timesteps, context, residuals or (None, None))
         if residuals is None:
             return Prediction(output=output, prior=output if with_prior else None)
         prior = self.prior(x_t, timesteps, context) if with_prior else None
