@@ -500,6 +500,23 @@ def test_joint_training_resumes_bit_exactly(joint_run, tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_joint_training_starts_from_saved_networks_one_folder_each(joint_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    model, run = joint_run
+    out = tmp_path / "continued"
+    start = ["--controlnet_model_name_or_path", run / "controlnet", "--learning_rate", 1e-12,
+             "--regularizer", "none"]  # fmt: skip
+    assert main(train_argv(model, out, 1, *start)) == 0
+    for name in ("pose", "segmentation"):
+        file = Path("controlnet") / name / "diffusion_pytorch_model.safetensors"
+        before, after = load_file(str(run / file)), load_file(str(out / file))
+        assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert main(train_argv(model, tmp_path / "x", 1, "--controlnet_model_name_or_path",
+                           run / "controlnet" / "pose")) == 2  # fmt: skip
+    assert "has no folder 'pose'" in one_line_error(capsys)
+
+
 def test_a_folder_with_two_condition_columns_trains_two_networks(tmp_path):
     from lisa_control.data.multi import MultiConditionDataset
 
