@@ -30,6 +30,7 @@ DEFAULTS = {
     "use_8bit_adam": False, "mixed_precision": None, "gradient_checkpointing": False,
     "allow_tf32": False, "torch_compile": False, "torch_compile_backend": "inductor",
     "timestep_sampler": "uniform", "prediction_type": None, "on_nonfinite": "stop",
+    "loss_weighting": "none", "snr_gamma": 5.0, "x0_weight_max": 5.0,
     "checkpointing_steps": 500, "checkpoints_total_limit": None, "resume_from_checkpoint": None,
     "side_network": "controlnet", "regularizer": "lisa", "lisa_weight": 0.2, "lisa_layer": None,
     "lisa_distance": "mse", "lisa_timestep_range": None, "lisa_target": "residual",
@@ -44,6 +45,8 @@ DEFAULTS = {
 
 # What a checkpoint's trainer_state.json held as its fingerprint for these flags before the
 # regularizer took a list: the regularizer as one "+"-joined string.
+# Fingerprinted settings newer than the fingerprint format above, at their defaults.
+NEWER_SETTINGS = {"loss_weighting": "none", "snr_gamma": 5.0, "x0_weight_max": 5.0}
 OLD_FINGERPRINT = {
     "pretrained_model_name_or_path": "M", "task": None, "dataset_name": None,
     "train_data_dir": "D", "resolution": 16, "seed": 0, "train_batch_size": 2,
@@ -71,7 +74,10 @@ def test_every_regularizer_spelling_fingerprints_as_the_joined_string(spelling):
     flags = dict(pretrained_model_name_or_path="M", train_data_dir="D", resolution=16,
                  train_batch_size=2)  # fmt: skip
     cfg = make_config({**flags, "regularizer": spelling})
-    assert cfg.fingerprint() == OLD_FINGERPRINT
+    fingerprint = cfg.fingerprint()
+    # Settings added since keep their defaults, so older checkpoints resume (see below).
+    assert {k: fingerprint.pop(k) for k in NEWER_SETTINGS} == NEWER_SETTINGS
+    assert fingerprint == OLD_FINGERPRINT
     assert cfg.regularizer_names == ("lisa", "layersync")
 
 
@@ -124,7 +130,7 @@ def test_checkpoint_with_the_old_fingerprint_resumes_under_either_spelling(tmp_p
     state = json.loads(state_file.read_text())
     old = {**OLD_FINGERPRINT, "pretrained_model_name_or_path": str(model),
            "train_data_dir": str(data)}  # fmt: skip
-    assert state["fingerprint"] == old
+    assert state["fingerprint"] == {**old, **NEWER_SETTINGS}
     state_file.write_text(json.dumps({**state, "fingerprint": old}))
     assert main(argv(2, "lisa")) == 2  # another regularizer is refused
     assert main(argv(2, "lisa+layersync")) == 0

@@ -179,8 +179,8 @@ class MainModel:
             raise ConfigError(f"{flag} must be a positive integer, got {resolution!r}.")
         if resolution % self.resolution_multiple:
             raise ConfigError(
-                f"{flag} {resolution} does not fit this model: give a positive multiple of "
-                f"{self.resolution_multiple}, the model's down-sampling factor."
+                f"{flag} {resolution} is not divisible by {self.resolution_multiple}, the "
+                f"model's down-sampling factor; give a positive multiple of it."
             )
 
     def null_context(self, batch: int, device=None, dtype=torch.float32) -> Context:

@@ -44,8 +44,12 @@ class Training:
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    # accelerate keeps one state per process and refuses a second run (a notebook, a benchmark,
+    # a test) another mixed precision; the process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
