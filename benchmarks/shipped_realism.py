@@ -18,7 +18,7 @@ from provenance import write_result
 from lisa_control.data.tasks import get_task
 from lisa_control.eval.feature_distance import TaskFeatureDistance, render
 from lisa_control.families.loading import load_main_model
-from lisa_control.cli.pretrain import null_context, predict, sample_unconditional
+from lisa_control.training.pretrain import null_context, predict, sample_unconditional
 
 SHIPPED = ["embedded:pose=pose", "embedded:pose_dit=pose", "embedded:edges=edges",
            "embedded:segmentation=segmentation",

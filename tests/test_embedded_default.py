@@ -1,4 +1,4 @@
-"""The embedded default (issue 4): the shipped main networks load and generate task-like
+"""The embedded default: the shipped main networks load and generate task-like
 images, and `lisa demo` writes its report with both curves."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from lisa_control.cli import main
 from lisa_control.data.tasks import get_task
 from lisa_control.families.loading import load_main_model, shipped_model_dir
-from lisa_control.cli.pretrain import sample_unconditional
+from lisa_control.training.pretrain import sample_unconditional
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from lisa_control.core.errors import LisaError
-from lisa_control.families.loading import load_pixel_model
 from lisa_control.cli.pretrain import build_parser
 from lisa_control.cli.pretrain import main as pretrain_main
+from lisa_control.core.errors import LisaError
+from lisa_control.families.loading import load_pixel_model
 
 TOY = [
     "--task", "pose", "--train_size", "32", "--train_batch_size", "4", "--max_train_steps", "4",

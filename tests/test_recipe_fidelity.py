@@ -246,7 +246,7 @@ def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler(assets, tmp_path, 
     """Under fp16 a gradient overflow (forced by a 2^60 initial loss scale: the fp16 backward
     overflows) is not an error: the scaler skips that update, lowers its scale, training goes on
     and the loss log counts the skip; also with --on_nonfinite skip."""
-    from lisa_control.training.loop import train
+    from lisa_control.training.train import train
 
     model, data = assets
     scaled_accelerator(monkeypatch, "cpu", init_scale=2.0**60)
@@ -259,7 +259,7 @@ def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler(assets, tmp_path, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for real fp16")
 def test_fp16_gradient_overflow_is_skipped_on_a_gpu(assets, tmp_path, monkeypatch):
     """The same on a GPU, with accelerate's own fp16 autocast and a CUDA GradScaler."""
-    from lisa_control.training.loop import train
+    from lisa_control.training.train import train
 
     model, data = assets
     scaled_accelerator(monkeypatch, "cuda", init_scale=2.0**60)
@@ -288,7 +288,7 @@ def test_fp16_nonfinite_loss_still_stops_with_the_last_checkpoint_intact(
     assets, tmp_path, monkeypatch
 ):
     from lisa_control.training.checkpoint import list_checkpoints
-    from lisa_control.training.loop import train
+    from lisa_control.training.train import train
 
     model, data = assets
     scaled_accelerator(monkeypatch, "cpu", init_scale=2.0**10)
@@ -317,7 +317,7 @@ def test_fp32_nonfinite_gradient_still_stops(assets, tmp_path, monkeypatch):
     """Without a grad scaler (fp32, and likewise bf16) a non-finite gradient stays an error."""
     from lisa_control.training.checkpoint import list_checkpoints
     from lisa_control.core.step import ControlTrainingStep
-    from lisa_control.training.loop import train
+    from lisa_control.training.train import train
 
     model, data = assets
     original, calls = ControlTrainingStep.forward, {"n": 0}
@@ -380,7 +380,7 @@ def test_resumed_run_repeats_the_captions_of_the_unbroken_run(assets, tmp_path, 
     run resumed at step 3 sees exactly the captions the unbroken run saw at steps 4 to 6."""
     from lisa_control.data.folder import ControlDataset
     from lisa_control.data.sampler import ResumableBatchOrder
-    from lisa_control.training.loop import train
+    from lisa_control.training.train import train
 
     model, data = assets
     settings = dict(proportion_empty_prompts=0.5, max_train_steps=6, checkpointing_steps=3)

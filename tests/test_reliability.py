@@ -1,4 +1,4 @@
-"""Reliability (issue 8): bad input gives one clear line and a non-zero exit, nothing written
+"""Reliability: bad input gives one clear line and a non-zero exit, nothing written
 over; non-finite values stop or skip with the step and term named; SIGKILL at random moments
 (checkpoint writes included) never leaves a half checkpoint and resume loses nothing."""
 

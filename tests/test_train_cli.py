@@ -1,4 +1,4 @@
-"""The trainer and CLI end to end on tiny models (issue 3): artefacts, resume, DDP, API parity."""
+"""The trainer and CLI end to end on tiny models: artefacts, resume, DDP, API parity."""
 
 from __future__ import annotations
 
@@ -249,8 +249,8 @@ def test_t2i_adapter_on_a_stable_diffusion_folder_samples_through_the_branch(tmp
 def _make_flow_model(folder: Path, family: str) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from lisa_control.zoo.flow import tiny_flux_transformer, tiny_sd3_transformer
     from lisa_control.families.loading import save_pixel_model
+    from lisa_control.zoo.flow import tiny_flux_transformer, tiny_sd3_transformer
 
     torch.manual_seed(3)
     if family == "flux":
@@ -274,7 +274,7 @@ def _make_flow_model(folder: Path, family: str) -> Path:
 def test_every_family_trains_resumes_and_saves_a_stock_side_network(
     assets, tmp_path, family, side_network, stock
 ):
-    """`lisa train` runs each dual-branch family (issue 6) with LISA; a resumed run continues
+    """`lisa train` runs each dual-branch family with LISA; a resumed run continues
     the same losses; the saved side network loads with its stock diffusers class."""
     import diffusers
 
@@ -425,9 +425,9 @@ def test_stable_diffusion_3_folder_trains_with_text_and_latent_conditions(tmp_pa
     from diffusers import SD3ControlNetModel
     from factories import make_sd3_model
 
-    from lisa_control.families.sd3 import PreconditionedFlowObjective
     from lisa_control.families.encoders import FrozenEncoders
     from lisa_control.families.loading import load_main_model
+    from lisa_control.families.sd3 import PreconditionedFlowObjective
 
     model_dir = make_sd3_model(tmp_path / "sd3")
     model = load_main_model(str(model_dir))

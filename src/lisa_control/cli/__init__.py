@@ -11,10 +11,11 @@ import sys
 
 from ..core.errors import LisaError
 
-USAGE = """usage: lisa {train,sample,pretrain,demo} [flags]
+USAGE = """usage: lisa {train,sample,eval,pretrain,demo} [flags]
 
   train     train a side network (ControlNet) with LISA; flags as diffusers' train_controlnet.py
   sample    generate with a trained side network
+  eval      sample a test split with a side network (or a run's checkpoints) and score it
   pretrain  train a small main network from scratch on an embedded task
   demo      plain ControlNet vs LISA on the embedded pose task, with a report
 
@@ -24,13 +25,19 @@ Run `lisa COMMAND --help` for a command's flags. Multi-GPU: accelerate launch -m
 
 def _train(argv):
     from ..training.config import parse_args
-    from ..training.loop import train
+    from ..training.train import train
 
     train(parse_args(argv))
 
 
 def _sample(argv):
     from .sample import main
+
+    main(argv)
+
+
+def _eval(argv):
+    from .eval import main
 
     main(argv)
 
@@ -47,7 +54,7 @@ def _demo(argv):
     main(argv)
 
 
-COMMANDS = {"train": _train, "sample": _sample, "pretrain": _pretrain, "demo": _demo}
+COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "pretrain": _pretrain, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(args) -> dict:
-    from ..training.loop import train
+    from ..training.train import train
 
     out = Path(args.output_dir)
     runs = {}

@@ -78,9 +78,25 @@ def train_feature_network(
 ) -> tuple[TaskFeatureNetwork, float]:
     """Train the feature network on ``pool`` renders; returns it (eval mode) and its accuracy
     on the transformation task over held-out renders (a check that it learned something)."""
+    images = render(task, FEATURE_TRAINING_SEED + seed, pool)
+    held_out = render(task, FEATURE_TRAINING_SEED + seed + 1, 512)
+    return fit_feature_network(images, held_out, steps, batch_size, seed, device)
+
+
+def fit_feature_network(
+    images: torch.Tensor,
+    held_out: torch.Tensor | None = None,
+    steps: int = 1500,
+    batch_size: int = 128,
+    seed: int = 0,
+    device="cpu",
+) -> tuple[TaskFeatureNetwork, float]:
+    """Train a :class:`TaskFeatureNetwork` on ``images`` (N, 3, H, W) in [-1, 1] to tell the
+    16 transformations apart; returns it (eval mode) and its accuracy on ``held_out`` (on
+    ``images`` when None)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    images = render(task, FEATURE_TRAINING_SEED + seed, pool).to(device)
+    images = images.to(device)
     net = TaskFeatureNetwork().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
@@ -93,7 +109,7 @@ def train_feature_network(
         opt.step()
         sched.step()
     net.eval().requires_grad_(False)
-    held_out = render(task, FEATURE_TRAINING_SEED + seed + 1, 512).to(device)
+    held_out = (images if held_out is None else held_out).to(device)
     labels = torch.randint(0, NUM_TRANSFORMS, (len(held_out),), generator=g).to(device)
     with torch.no_grad():
         accuracy = (net(transform(held_out, labels, g)).argmax(1) == labels).float().mean()
@@ -156,6 +172,16 @@ class TaskFeatureDistance:
             )
             self._reference = self._features(render(self.task, REFERENCE_SEED, self.reference_size))
         return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N, D) of ``images`` (N, 3, H, W) in [-1, 1], on the CPU."""
+        self.prepare()
+        return self._features(images)
+
+    def reference_features(self) -> torch.Tensor:
+        """Features (reference_size, D) of the real renders that ``__call__`` compares with."""
+        self.prepare()
+        return self._reference
 
     def __call__(self, images: torch.Tensor) -> float:
         if images.ndim != 4 or images.shape[1] != 3:

@@ -11,6 +11,27 @@ import torch
 from ..core.branch import Context
 from .images import image_grid, to_uint8
 
+# Held-out conditions of an embedded task come from stream HELD_OUT_SEED + seed, which the
+# training stream (seed, index) never reaches.
+HELD_OUT_SEED = 10_007
+
+
+def held_out_task_samples(task, count: int, seed: int = 0) -> list:
+    """The ``count`` held-out samples of ``task`` that validation, the convergence benchmark and
+    ``lisa eval`` score: ``task.sample(HELD_OUT_SEED + seed, i)`` for i < count."""
+    return [task.sample(seed=HELD_OUT_SEED + seed, index=i) for i in range(count)]
+
+
+def score_task_samples(task, images: torch.Tensor, samples: list, feature_distance=None) -> dict:
+    """The scores validation logs for one sample per held-out condition: the task's fidelity
+    metric of ``images`` (N, 3, H, W) in [-1, 1] against ``samples`` (the task samples whose
+    conditions produced them, in order), and the feature distance when one is given. The
+    convergence benchmark reads these numbers from ``validation.jsonl``."""
+    scores = task.fidelity(images, samples)
+    if feature_distance is not None:
+        scores["feature_distance"] = feature_distance(images)
+    return scores
+
 
 def evaluation_scheduler(train_scheduler):
     """DPM-Solver++ from the training scheduler's config, as the LISA authors evaluate; flow
@@ -105,11 +126,7 @@ class Validator:
             neg = encoders.prompt_context([""] * n) if cfg.validation_guidance_scale > 1 else None
             return cls(conds, ctx, neg, samples_per_condition=cfg.num_validation_images, **common)
         task = dataset.task
-        # A held-out seed the training stream (seed, index) never reaches.
-        held_out = [
-            task.sample(seed=10_007 + (cfg.seed or 0), index=i)
-            for i in range(cfg.validation_conditions)
-        ]
+        held_out = held_out_task_samples(task, cfg.validation_conditions, cfg.seed or 0)
         conds = torch.stack(
             [torch.from_numpy(s.condition).permute(2, 0, 1).float() / 255 for s in held_out]
         )
@@ -172,7 +189,4 @@ class Validator:
         image_grid(rows).save(out_dir / f"step-{step}.png")
         if self.task is None:
             return {}
-        scores = self.task.fidelity(images[:, 0], self.task_samples)
-        if self.feature_distance is not None:
-            scores["feature_distance"] = self.feature_distance(images[:, 0])
-        return scores
+        return score_task_samples(self.task, images[:, 0], self.task_samples, self.feature_distance)

@@ -1,8 +1,11 @@
 """Training configuration: one dataclass whose field names are the command-line flags.
 
-Flags keep the names and meanings of diffusers' ``examples/controlnet/train_controlnet.py`` where
-the concept is the same, so switching is a matter of changing the command name. A ``--config``
-file (YAML or TOML) uses the same keys; flags given on the command line win over the file.
+Each field carries its own help text, allowed values and whether it belongs to the resume
+fingerprint (see :func:`flag`); the parser, the validation and :meth:`TrainConfig.fingerprint`
+are derived from the fields. Flags keep the names and meanings of diffusers'
+``examples/controlnet/train_controlnet.py`` where the concept is the same, so switching is a
+matter of changing the command name. A ``--config`` file (YAML, TOML or JSON) uses the same
+keys; flags given on the command line win over the file.
 """
 
 from __future__ import annotations
@@ -18,173 +21,237 @@ from typing import Any
 
 from ..core.errors import ConfigError
 
+# Regularizer names in the order they are built, summed and checkpointed.
+REGULARIZERS = ("lisa", "layersync")
+
+
+def flag(
+    default: Any = None,
+    help: str | None = None,
+    choices: tuple | None = None,
+    fingerprint: bool = False,
+    nargs: str | int | None = None,
+):
+    """A config field: ``help`` for ``--help``, ``choices`` checked by :func:`validate`,
+    ``fingerprint`` when a checkpoint must agree on it to be resumed (it defines the model, its
+    data order or its loss), ``nargs`` to override the count the annotation implies."""
+    metadata = {"help": help, "choices": choices, "fingerprint": fingerprint, "nargs": nargs}
+    return field(default=default, metadata=metadata)
+
+
+_LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+
 
 @dataclass
 class TrainConfig:
     # models
-    pretrained_model_name_or_path: str | None = None
-    controlnet_model_name_or_path: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    allow_pickle: bool = False
+    pretrained_model_name_or_path: str | None = flag(
+        None,
+        "main network: a diffusers folder or hub id, or a folder made by `lisa pretrain`; "
+        "default: the shipped tiny network of --task",
+        fingerprint=True,
+    )
+    controlnet_model_name_or_path: str | None = flag(
+        None,
+        "start the side network from these weights instead of copying the main network's encoder",
+    )
+    revision: str | None = flag(None)
+    variant: str | None = flag(None)
+    allow_pickle: bool = flag(
+        False, "allow loading .bin/.pt weights (pickle can run code; off by default)"
+    )
     # data
-    task: str | None = None
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    train_data_dir: str | None = None
-    image_column: str = "image"
-    conditioning_image_column: str = "conditioning_image"
-    caption_column: str = "text"
-    max_train_samples: int | None = None
-    task_train_size: int = 100_000
-    proportion_empty_prompts: float = 0.0
-    resolution: int | None = None
-    cache_latents: bool = False
-    dataloader_num_workers: int = 0
+    task: str | None = flag(
+        None,
+        "an embedded procedural task (pose, edges, segmentation, super_resolution, ...) instead "
+        "of a dataset",
+        fingerprint=True,
+    )
+    dataset_name: str | None = flag(None, fingerprint=True)
+    dataset_config_name: str | None = flag(None)
+    train_data_dir: str | None = flag(None, fingerprint=True)
+    image_column: str = flag("image")
+    conditioning_image_column: str = flag("conditioning_image")
+    caption_column: str = flag("text")
+    max_train_samples: int | None = flag(None)
+    task_train_size: int = flag(100_000)
+    proportion_empty_prompts: float = flag(0.0)
+    resolution: int | None = flag(None, fingerprint=True)
+    cache_latents: bool = flag(
+        False, "encode each item's image and each caption text once and keep them in memory"
+    )
+    dataloader_num_workers: int = flag(0)
     # optimisation
-    output_dir: str = "lisa-controlnet"
-    seed: int | None = 0
-    train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: int = 1
-    max_train_steps: int | None = None
-    learning_rate: float = 5e-6
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    use_8bit_adam: bool = False
-    mixed_precision: str | None = None
-    gradient_checkpointing: bool = False
-    allow_tf32: bool = False
-    torch_compile: bool = False
-    torch_compile_backend: str = "inductor"
-    timestep_sampler: str = "uniform"
-    prediction_type: str | None = None
-    on_nonfinite: str = "stop"
+    output_dir: str = flag("lisa-controlnet")
+    seed: int | None = flag(0, fingerprint=True)
+    train_batch_size: int = flag(4, fingerprint=True)
+    gradient_accumulation_steps: int = flag(1, fingerprint=True)
+    num_train_epochs: int = flag(1)
+    max_train_steps: int | None = flag(None)
+    learning_rate: float = flag(5e-6)
+    scale_lr: bool = flag(False)
+    lr_scheduler: str = flag("constant", choices=_LR_SCHEDULERS)
+    lr_warmup_steps: int = flag(0)
+    lr_num_cycles: int = flag(1)
+    lr_power: float = flag(1.0)
+    adam_beta1: float = flag(0.9)
+    adam_beta2: float = flag(0.999)
+    adam_weight_decay: float = flag(1e-2)
+    adam_epsilon: float = flag(1e-8)
+    max_grad_norm: float = flag(1.0)
+    use_8bit_adam: bool = flag(False)
+    mixed_precision: str | None = flag(None, choices=(None, "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = flag(False)
+    allow_tf32: bool = flag(False)
+    torch_compile: bool = flag(
+        False,
+        "torch.compile the main and side networks' blocks (GPU; the first steps take minutes "
+        "to compile; BENCHMARKS.md has the measured speed-up)",
+    )
+    torch_compile_backend: str = flag(
+        "inductor",
+        "backend for --torch_compile (default inductor; 'eager' checks the wiring without "
+        "generating code)",
+    )
+    timestep_sampler: str = flag(
+        "uniform", choices=("uniform", "logit_normal", "cubic"), fingerprint=True
+    )
+    prediction_type: str | None = flag(
+        None, choices=(None, "epsilon", "v_prediction", "flow"), fingerprint=True
+    )
+    on_nonfinite: str = flag(
+        "stop",
+        "on a NaN/Inf loss, or gradient under bf16/fp32 (fp16 overflows are the grad scaler's): "
+        "stop (default) or skip the step",
+        choices=("stop", "skip"),
+    )
     # checkpoints
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    side_network: str = "controlnet"
+    checkpointing_steps: int = flag(500)
+    checkpoints_total_limit: int | None = flag(None)
+    resume_from_checkpoint: str | None = flag(None)
+    side_network: str = flag(
+        "controlnet",
+        "controlnet (default; UNet, SD3 and Flux main networks) or t2i_adapter (UNet main "
+        "networks)",
+        choices=("controlnet", "t2i_adapter"),
+        fingerprint=True,
+    )
     # regularizers
-    regularizer: str = "lisa"
-    lisa_weight: float = 0.2
-    lisa_layer: str | None = None
-    lisa_distance: str = "mse"
-    lisa_timestep_range: list[float] | None = None
-    lisa_target: str = "residual"
-    lisa_final_weight: float | None = None
-    lisa_weight_decay_steps: int = 0
-    lisa_decoder_learning_rate: float | None = None
-    layersync_pairs: str | None = None
-    layersync_weight: float = 0.2
+    regularizer: str = flag(
+        "lisa",
+        "lisa (default), none (plain ControlNet), layersync, or both: lisa layersync (also "
+        "written lisa+layersync)",
+        choices=(*REGULARIZERS, "none"),
+        fingerprint=True,
+        nargs="+",
+    )
+    lisa_weight: float = flag(
+        0.2, "lambda, the weight of the LISA loss (paper: 0.2)", fingerprint=True
+    )
+    lisa_layer: str | None = flag(
+        None,
+        "side-network layer LISA reads: down_0..down_11, mid, or a module path (default down_5 "
+        "where it exists)",
+        fingerprint=True,
+    )
+    lisa_distance: str = flag("mse", choices=("mse", "cosine"), fingerprint=True)
+    lisa_timestep_range: list[float] | None = flag(
+        None, "two numbers: apply the LISA loss only for lo <= t < hi"
+    )
+    lisa_target: str = flag(
+        "residual",
+        "space of the LISA residual: residual (paper: y - y_prior), x0 (the residual of the "
+        "implied clean sample) or score (the likelihood score itself)",
+        choices=("residual", "x0", "score"),
+        fingerprint=True,
+    )
+    lisa_final_weight: float | None = flag(
+        None,
+        "decay lambda linearly from --lisa_weight to this value over --lisa_weight_decay_steps "
+        "steps (default: constant lambda)",
+        fingerprint=True,
+    )
+    lisa_weight_decay_steps: int = flag(0, fingerprint=True)
+    lisa_decoder_learning_rate: float | None = flag(
+        None,
+        "train the LISA decoder at this learning rate instead of --learning_rate (default: the "
+        "same, as in the paper)",
+        fingerprint=True,
+    )
+    layersync_pairs: str | None = flag(None, fingerprint=True)
+    layersync_weight: float = flag(0.2, fingerprint=True)
     # validation and logging
-    validation_image: list[str] | None = None
-    validation_prompt: list[str] | None = None
-    num_validation_images: int = 4
-    validation_conditions: int = 8
-    validation_steps: int = 100
-    validation_inference_steps: int = 20
-    validation_guidance_scale: float = 1.0
-    validation_feature_distance: bool = False
-    report_to: str = "tensorboard"
-    logging_dir: str = "logs"
-    tracker_project_name: str = "lisa_control"
-    device: str | None = None
-    progress: bool = True
+    validation_image: list[str] | None = flag(None)
+    validation_prompt: list[str] | None = flag(None)
+    num_validation_images: int = flag(4)
+    validation_conditions: int = flag(8)
+    validation_steps: int = flag(100)
+    validation_inference_steps: int = flag(20)
+    validation_guidance_scale: float = flag(1.0)
+    validation_feature_distance: bool = flag(
+        False,
+        "with --task: also score validation samples by a Fréchet distance on features of a "
+        "small network trained on the task's renders (not Inception FID)",
+    )
+    logging_steps: int = flag(
+        1,
+        "write one loss record (the mean over the steps since the previous one) every N steps "
+        "to loss_log.jsonl, the tracker and the progress bar",
+    )
+    report_to: str = flag("tensorboard")
+    logging_dir: str = flag("logs")
+    tracker_project_name: str = flag("lisa_control")
+    device: str | None = flag(None)
+    progress: bool = flag(True)
     # extra keys go through a config file only
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.regularizer = normalize_regularizer(self.regularizer)
+
+    @property
+    def regularizer_names(self) -> tuple[str, ...]:
+        """The regularizers to train with, in build order; empty for ``none``."""
+        return tuple(n for n in self.regularizer.split("+") if n != "none")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint must agree with to be resumed: what defines the model,
         its data order and its loss. Step counts, logging and paths may change on resume."""
-        keys = (
-            "pretrained_model_name_or_path",
-            "task",
-            "dataset_name",
-            "train_data_dir",
-            "resolution",
-            "seed",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "side_network",
-            "regularizer",
-            "lisa_weight",
-            "lisa_layer",
-            "lisa_distance",
-            "lisa_target",
-            "lisa_final_weight",
-            "lisa_weight_decay_steps",
-            "lisa_decoder_learning_rate",
-            "layersync_pairs",
-            "layersync_weight",
-            "prediction_type",
-            "timestep_sampler",
-        )
-        return {k: getattr(self, k) for k in keys}
+        return {
+            f.name: getattr(self, f.name) for f in _FIELDS.values() if f.metadata["fingerprint"]
+        }
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
 
-_CHOICES = {
-    "regularizer": ("lisa", "none", "layersync", "lisa+layersync"),
-    "mixed_precision": (None, "no", "fp16", "bf16"),
-    "lr_scheduler": (
-        "linear",
-        "cosine",
-        "cosine_with_restarts",
-        "polynomial",
-        "constant",
-        "constant_with_warmup",
-    ),
-    "on_nonfinite": ("stop", "skip"),
-    "side_network": ("controlnet", "t2i_adapter"),
-    "lisa_distance": ("mse", "cosine"),
-    "lisa_target": ("residual", "x0", "score"),
-    "timestep_sampler": ("uniform", "logit_normal", "cubic"),
-    "prediction_type": (None, "epsilon", "v_prediction", "flow"),
-}
 
-_HELP = {
-    "torch_compile": "torch.compile the main and side networks' blocks (GPU; the first steps "
-    "take minutes to compile, later ones about 28%% less time on SD2.1 shapes)",
-    "torch_compile_backend": "backend for --torch_compile (default inductor; 'eager' checks the "
-    "wiring without generating code)",
-    "pretrained_model_name_or_path": "main network: a diffusers folder or hub id, or a folder "
-    "made by `lisa pretrain`; default: the shipped tiny network of --task",
-    "controlnet_model_name_or_path": "start the side network from these weights instead of "
-    "copying the main network's encoder",
-    "allow_pickle": "allow loading .bin/.pt weights (pickle can run code; off by default)",
-    "task": "an embedded procedural task (pose, edges, segmentation, super_resolution, ...) "
-    "instead of a dataset",
-    "side_network": "controlnet (default; UNet, SD3 and Flux main networks) or t2i_adapter "
-    "(UNet main networks)",
-    "regularizer": "lisa (default), none (plain ControlNet), layersync or lisa+layersync",
-    "lisa_weight": "lambda, the weight of the LISA loss (paper: 0.2)",
-    "lisa_layer": "side-network layer LISA reads: down_0..down_11, mid, or a module path "
-    "(default down_5 where it exists)",
-    "lisa_timestep_range": "two numbers: apply the LISA loss only for lo <= t < hi",
-    "lisa_target": "space of the LISA residual: residual (paper: y - y_prior), x0 (the residual "
-    "of the implied clean sample) or score (the likelihood score itself)",
-    "lisa_final_weight": "decay lambda linearly from --lisa_weight to this value over "
-    "--lisa_weight_decay_steps steps (default: constant lambda)",
-    "lisa_decoder_learning_rate": "train the LISA decoder at this learning rate instead of "
-    "--learning_rate (default: the same, as in the paper)",
-    "on_nonfinite": "on a NaN/Inf loss, or gradient under bf16/fp32 (fp16 overflows are the "
-    "grad scaler's): stop (default) or skip the step",
-    "config": "YAML or TOML file with the same keys as the flags",
-    "cache_latents": "encode each item's image and each caption text once and keep them in "
-    "memory",
-    "validation_feature_distance": "with --task: also score validation samples by a Fréchet "
-    "distance on features of a small network trained on the task's renders (not Inception FID)",
-}
+def normalize_regularizer(value: str | list[str] | tuple[str, ...]) -> str:
+    """One spelling for a regularizer choice: ``"lisa"``, ``"none"``, ``"lisa+layersync"``, ...
+
+    Accepts a name, names joined by ``+``, or a list of either (``--regularizer lisa
+    layersync``). Known names come out in :data:`REGULARIZERS` order and once each; ``none``
+    stands alone. Unknown names are kept, so that :func:`validate` names them.
+    """
+    parts = [value] if isinstance(value, str) else list(value)
+    names: list[str] = []
+    for part in parts:
+        for name in str(part).split("+"):
+            if name.strip() and name.strip() not in names:
+                names.append(name.strip())
+    known = [n for n in REGULARIZERS if n in names]
+    others = [n for n in names if n not in REGULARIZERS and n != "none"]
+    if not known and not others:
+        return "none"
+    if "none" in names:
+        others.append("none")  # "none" beside a regularizer is refused by validate
+    return "+".join(known + others)
 
 
 def _flag_type(f: dataclasses.Field):
@@ -200,15 +267,23 @@ def _flag_type(f: dataclasses.Field):
     return str
 
 
+def _help(f: dataclasses.Field) -> str | None:
+    """The field's help, or the values it takes when it has choices and no help."""
+    choices = [str(c) for c in f.metadata["choices"] or () if c is not None]
+    return f.metadata["help"] or (f"one of {', '.join(choices)}" if choices else None)
+
+
 def build_parser(prog: str = "lisa train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Train a side network (ControlNet) for a frozen main network, with LISA.",
     )
-    parser.add_argument("--config", type=str, default=None, help=_HELP["config"])
+    parser.add_argument(
+        "--config", type=str, default=None, help="YAML or TOML file with the same keys as the flags"
+    )
     for name, f in _FIELDS.items():
         kind = _flag_type(f)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _HELP.get(name)}
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help(f)}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind == "list_str":
@@ -218,6 +293,8 @@ def build_parser(prog: str = "lisa train") -> argparse.ArgumentParser:
             kwargs["type"] = float
         else:
             kwargs["type"] = kind
+        if f.metadata["nargs"] is not None:
+            kwargs["nargs"] = f.metadata["nargs"]
         parser.add_argument(f"--{name}", **kwargs)
     return parser
 
@@ -288,17 +365,35 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return make_config({**file_values, **args})
 
 
-def validate(cfg: TrainConfig) -> None:
-    for key, choices in _CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise ConfigError(
-                f"--{key} {getattr(cfg, key)!r} is not one of "
-                f"{', '.join(str(c) for c in choices if c is not None)}."
-            )
+def _check_choices(cfg: TrainConfig) -> None:
+    for name, f in _FIELDS.items():
+        choices = f.metadata["choices"]
+        if choices is None:
+            continue
+        values = getattr(cfg, name).split("+") if name == "regularizer" else [getattr(cfg, name)]
+        for value in values:
+            if value not in choices:
+                raise ConfigError(
+                    f"--{name} {value!r} is not one of "
+                    f"{', '.join(str(c) for c in choices if c is not None)}."
+                )
+    if "none" in cfg.regularizer.split("+") and cfg.regularizer != "none":
+        raise ConfigError(
+            f"--regularizer {cfg.regularizer!r}: 'none' cannot be combined with a regularizer; "
+            "drop it or pass none alone."
+        )
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
     w = cfg.lisa_weight
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise ConfigError(f"--lisa_weight must be a finite number >= 0, got {w!r}.")
-    for key in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+    for key in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "logging_steps",
+    ):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be >= 1, got {getattr(cfg, key)}.")
     if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
@@ -307,19 +402,18 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and (value <= 0 or not math.isfinite(value)):
             raise ConfigError(f"--{key} must be a positive number, got {value}.")
-    if cfg.lisa_decoder_learning_rate is not None and "lisa" not in cfg.regularizer.split("+"):
-        raise ConfigError(
-            f"--lisa_decoder_learning_rate is for the LISA decoder, but --regularizer is "
-            f"{cfg.regularizer!r}; use --regularizer lisa (or lisa+layersync), or drop the flag."
-        )
     if not 0 <= cfg.proportion_empty_prompts <= 1:
         raise ConfigError("--proportion_empty_prompts must be in [0, 1].")
-    if cfg.torch_compile:
-        from .compilation import check_backend
-
-        check_backend(cfg.torch_compile_backend)
     if cfg.resolution is not None and cfg.resolution <= 0:
         raise ConfigError(f"--resolution must be positive, got {cfg.resolution}.")
+
+
+def _check_combinations(cfg: TrainConfig) -> None:
+    if cfg.lisa_decoder_learning_rate is not None and "lisa" not in cfg.regularizer_names:
+        raise ConfigError(
+            f"--lisa_decoder_learning_rate is for the LISA decoder, but --regularizer is "
+            f"{cfg.regularizer!r}; use --regularizer lisa (or lisa layersync), or drop the flag."
+        )
     sources = [s for s in (cfg.task, cfg.dataset_name, cfg.train_data_dir) if s]
     if len(sources) > 1:
         raise ConfigError(
@@ -337,3 +431,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--output_dir {cfg.output_dir!r} is a file; give a directory path (it is created)."
         )
+
+
+def validate(cfg: TrainConfig) -> None:
+    _check_choices(cfg)
+    _check_numbers(cfg)
+    _check_combinations(cfg)
+    if cfg.torch_compile:
+        from .compilation import check_backend
+
+        check_backend(cfg.torch_compile_backend)

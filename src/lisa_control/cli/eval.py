@@ -1,0 +1,173 @@
+"""``lisa eval``: sample a test split with a trained side network (or every checkpoint of a run)
+and score the samples: condition fidelity (an embedded task's own metric, or a condition
+re-extracted from each sample), a Fréchet distance and, with a local CLIP model, a CLIP score.
+Writes eval.json, samples.png and, for a checkpoint series, curve.json and curve.png.
+
+  lisa eval --controlnet OUT/controlnet --task pose --output_dir eval/
+  lisa eval --checkpoints 'OUT/checkpoint-*' --test_data_dir test/ --extractor edges \\
+      --pretrained_model_name_or_path MODEL --threshold 0.6 --output_dir eval/
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lisa eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    which = p.add_argument_group("side networks (one of)")
+    which.add_argument("--controlnet", default=None, help="a side network folder (diffusers)")
+    which.add_argument(
+        "--checkpoints",
+        nargs="+",
+        default=None,
+        help="checkpoint folders of a `lisa train` run: a quoted glob such as "
+        "'OUT/checkpoint-*', folders, or the run's output folder; each is evaluated and the "
+        "metric plotted against the step",
+    )
+    p.add_argument(
+        "--side_network",
+        choices=["controlnet", "t2i_adapter"],
+        default=None,
+        help="what kind of side network it is (default: the run's, else controlnet)",
+    )
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="main model (default: the run's config.json beside the checkpoints, else the "
+        "shipped model of --task)",
+    )
+    data = p.add_argument_group("test split (one of; neither: the task the main model names)")
+    data.add_argument(
+        "--task", default=None, help="an embedded task: its held-out conditions and metric"
+    )
+    data.add_argument(
+        "--test_data_dir",
+        default=None,
+        help="a folder with metadata.jsonl (image, conditioning_image, text), or whose test/ "
+        "sub-folder has one, or a `datasets` folder (see --split)",
+    )
+    data.add_argument("--split", default="test", help="split of a `datasets` folder")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--conditioning_image_column", default="conditioning_image")
+    data.add_argument(
+        "--caption_column", default="text", help="prompts; '' for a split without captions"
+    )
+    data.add_argument(
+        "--num_conditions",
+        type=int,
+        default=None,
+        help="conditions to sample (default: 64 held-out ones for a task; every row of a "
+        "folder, else this many rows chosen with --seed)",
+    )
+    gen = p.add_argument_group("sampling")
+    gen.add_argument("--resolution", type=int, default=None, help="default: the model's own")
+    gen.add_argument("--num_inference_steps", type=int, default=20)
+    gen.add_argument("--guidance_scale", type=float, default=None)
+    gen.add_argument(
+        "--batch_size",
+        type=int,
+        default=8,
+        help="conditions sampled together (same noise per condition)",
+    )
+    gen.add_argument("--seed", type=int, default=0, help="seeds each condition's noise")
+    score = p.add_argument_group("metrics")
+    score.add_argument(
+        "--extractor",
+        choices=["edges", "pose", "depth", "segmentation"],
+        default=None,
+        help="re-extract the condition from each sample (user data): edges built in; pose, "
+        "depth and segmentation need controlnet_aux and its weights",
+    )
+    score.add_argument(
+        "--extractor_weights",
+        default=None,
+        help="controlnet_aux annotator weights: a local copy of lllyasviel/Annotators (pose, "
+        "depth) or of ybelkada/segment-anything (segmentation)",
+    )
+    score.add_argument("--edge_low_threshold", type=float, default=100.0)
+    score.add_argument("--edge_high_threshold", type=float, default=200.0)
+    score.add_argument(
+        "--edge_tolerance", type=int, default=1, help="pixels an edge may be off and still count"
+    )
+    score.add_argument(
+        "--no_frechet", action="store_true", help="skip the Fréchet distance (and its training)"
+    )
+    score.add_argument(
+        "--inception_weights",
+        default=None,
+        help="FID Inception weights as a local file: Inception FID through torchmetrics "
+        "(needs torchmetrics and torch-fidelity) instead of the task feature network",
+    )
+    score.add_argument(
+        "--feature_train_steps",
+        type=int,
+        default=1500,
+        help="training steps of the feature network the Fréchet distance uses",
+    )
+    score.add_argument(
+        "--feature_pool", type=int, default=4096, help="task renders it trains on (tasks)"
+    )
+    score.add_argument(
+        "--feature_reference_size",
+        type=int,
+        default=1024,
+        help="task renders the samples are compared with (tasks; user data: the test images)",
+    )
+    score.add_argument("--clip_model", default=None, help="a local CLIP folder: CLIP score")
+    score.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="checkpoint series: report the first step whose metric reaches this value",
+    )
+    score.add_argument(
+        "--curve_metric",
+        default=None,
+        help="the metric of the curve and threshold (default: the fidelity metric, else the "
+        "Fréchet distance)",
+    )
+    p.add_argument("--sheet_rows", type=int, default=16, help="rows of samples.png")
+    p.add_argument("--allow_pickle", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def config_from_args(args, argv) -> object:
+    from ..eval.evaluate import EvalConfig
+
+    values = vars(args).copy()
+    progress = values.pop("progress")
+    values["frechet"] = not values.pop("no_frechet")
+    values["caption_column"] = values["caption_column"] or None
+    values["command"] = "lisa eval " + shlex.join(argv)
+    return EvalConfig(**values), progress
+
+
+def main(argv=None) -> None:
+    from ..eval.evaluate import evaluate
+
+    argv = list(sys.argv[2:] if argv is None else argv)
+    cfg, progress = config_from_args(build_parser().parse_args(argv), argv)
+    report = evaluate(cfg, progress=progress)
+    metrics = report["metrics"]
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(shown)
+    if report.get("curve"):
+        reached = report["curve"]["steps_to_threshold"]
+        if cfg.threshold is not None:
+            print(
+                f"{report['metric']} reaches {cfg.threshold:g} at step {reached}"
+                if reached is not None
+                else f"{report['metric']} never reaches {cfg.threshold:g}"
+            )
+    print(f"wrote {cfg.output_dir}/eval.json")

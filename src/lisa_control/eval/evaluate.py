@@ -1,0 +1,631 @@
+"""``lisa eval`` as a library function: sample a test split with one side network or a series
+of checkpoints (batched, each condition's noise seeded by (seed, index)) and score the samples.
+
+Test splits:
+
+* an embedded task (``task``, or the task a pixel model's ``lisa_model.json`` names): the
+  ``num_conditions`` held-out conditions that validation and the convergence benchmark score
+  (:func:`~lisa_control.eval.validation.held_out_task_samples`), scored by the same function
+  (:func:`~lisa_control.eval.validation.score_task_samples`, the task's fidelity metric);
+* user data (``test_data_dir``): a folder with a ``metadata.jsonl`` (image, conditioning image and
+  caption columns, as ``lisa train`` reads; a ``test/`` sub-folder holding one is used too),
+  read by :class:`~lisa_control.data.folder.ControlDataset` (centre crops at the resolution);
+  with an ``extractor`` the condition is re-extracted from every sample and compared with the
+  given one, and from every real test image too (``reference_*``: how well the extractor itself
+  reproduces the given conditions, the ceiling of the sample score).
+
+Further metrics: a Fréchet distance (features of the project's feature network, see
+``eval/feature_distance.py``, trained on the task's renders or on the test images; or Inception
+features with ``inception_weights``) to the task's reference renders or the real test images,
+and a CLIP score with a local CLIP folder.
+
+Outputs in ``output_dir``: ``eval.json`` (command, settings, test split, metrics, per-condition
+scores, and the per-checkpoint metrics of a series), ``samples.png`` (condition | sample |
+real image [| re-extracted condition] per row), and for a series ``samples-step-N.png``,
+``curve.json`` and ``curve.png`` (the metric against the training step, with the first step
+that reaches ``threshold``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import ConfigError, DataError, ModelError
+from .curves import SideNetworkAt, find_checkpoints, plot_curve, steps_to_threshold
+from .images import image_grid, to_uint8
+
+DEFAULT_TASK_CONDITIONS = 64
+# Metrics where smaller is better; every other one is better when larger.
+LOWER_IS_BETTER = {"frechet_distance", "depth_mae", "joint_error"}
+# User images are scaled down to at most this size for the feature network (it pools globally,
+# so any size works; this bounds its training cost on large photos).
+FEATURE_MAX_SIZE = 128
+# A lisa train output folder's config.json; these keys mark it as one.
+RUN_CONFIG = "config.json"
+_RUN_CONFIG_KEYS = {"pretrained_model_name_or_path", "side_network", "output_dir"}
+
+
+@dataclass
+class EvalConfig:
+    """What ``lisa eval`` does; the CLI flags of the same names. ``controlnet`` or
+    ``checkpoints`` names the side network(s); ``task`` or ``test_data_dir`` the test split
+    (neither: the task the main model names). Unset model settings (``side_network``,
+    ``pretrained_model_name_or_path``, ``task``, ``resolution``) are taken from the training
+    run's ``config.json`` beside the checkpoints or the side network, when there is one."""
+
+    output_dir: str
+    controlnet: str | None = None
+    checkpoints: list[str] | None = None
+    side_network: str | None = None
+    pretrained_model_name_or_path: str | None = None
+    task: str | None = None
+    test_data_dir: str | None = None
+    split: str = "test"
+    image_column: str = "image"
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str | None = "text"
+    num_conditions: int | None = None
+    resolution: int | None = None
+    num_inference_steps: int = 20
+    guidance_scale: float | None = None
+    batch_size: int = 8
+    seed: int = 0
+    extractor: str | None = None
+    extractor_weights: str | None = None
+    edge_low_threshold: float = 100.0
+    edge_high_threshold: float = 200.0
+    edge_tolerance: int = 1
+    frechet: bool = True
+    inception_weights: str | None = None
+    feature_train_steps: int = 1500
+    feature_pool: int = 4096
+    feature_reference_size: int = 1024
+    clip_model: str | None = None
+    threshold: float | None = None
+    curve_metric: str | None = None
+    sheet_rows: int = 16
+    allow_pickle: bool = False
+    device: str | None = None
+    command: str | None = None
+
+
+@dataclass
+class TestSplit:
+    """Conditions to sample and what scores the samples.
+
+    ``conditions`` (N, C, R, R) in [0, 1]; ``real`` (N, 3, R, R) in [-1, 1], the images the
+    conditions belong to; ``indices`` seed each condition's noise."""
+
+    kind: str  # "task" or "folder"
+    conditions: torch.Tensor
+    prompts: list[str]
+    names: list[str]
+    indices: list[int]
+    real: torch.Tensor
+    info: dict = field(default_factory=dict)
+    task: object = None
+    task_samples: list | None = None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Refuse settings that cannot work, before anything is loaded."""
+    if (cfg.controlnet is None) == (not cfg.checkpoints):
+        raise ConfigError(
+            "pass one of --controlnet DIR (a side network) or --checkpoints 'OUT/checkpoint-*' "
+            "(a training run's checkpoints)."
+        )
+    if cfg.task and cfg.test_data_dir:
+        raise ConfigError(
+            "pass --task NAME (an embedded task's held-out conditions) or --test_data_dir DIR "
+            "(your test split), not both."
+        )
+    positive = ("num_inference_steps", "batch_size", "feature_train_steps", "feature_pool",
+                "feature_reference_size", "sheet_rows")  # fmt: skip
+    for flag in positive:
+        value = getattr(cfg, flag)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{flag} must be a whole number >= 1, got {value!r}.")
+    if cfg.num_conditions is not None and cfg.num_conditions < 1:
+        raise ConfigError(f"--num_conditions must be >= 1, got {cfg.num_conditions}.")
+    if cfg.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {cfg.seed}.")
+    if cfg.extractor and not cfg.test_data_dir:
+        raise ConfigError(
+            "--extractor scores user data (--test_data_dir DIR); an embedded task is scored by "
+            "its own metric."
+        )
+    if cfg.test_data_dir:
+        test_data_source(cfg.test_data_dir)
+    if cfg.controlnet is not None:
+        path = Path(cfg.controlnet).expanduser()
+        if not path.is_dir():
+            raise ModelError(
+                f"--controlnet {cfg.controlnet} is not a folder; pass a side network folder "
+                "(OUTPUT_DIR/controlnet or OUTPUT_DIR/checkpoint-N/side_network)."
+            )
+
+
+def side_networks_of(cfg: EvalConfig) -> list[SideNetworkAt]:
+    if cfg.controlnet is not None:
+        return [SideNetworkAt(Path(cfg.controlnet).expanduser())]
+    return find_checkpoints(list(cfg.checkpoints))
+
+
+def run_config(side_networks: list[SideNetworkAt]) -> tuple[dict, Path | None]:
+    """The ``config.json`` of the ``lisa train`` run the side networks come from, or {}."""
+    first = side_networks[0]
+    folder = first.checkpoint.parent if first.checkpoint is not None else first.path.parent
+    path = folder / RUN_CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}, None
+    if not isinstance(data, dict) or not _RUN_CONFIG_KEYS <= data.keys():
+        return {}, None
+    return data, path
+
+
+def fill_from_run(cfg: EvalConfig, run: dict, path: Path | None, notes: list[str]) -> None:
+    """Unset model settings from the training run's config (never the test split)."""
+    taken = []
+    for key in ("side_network", "pretrained_model_name_or_path", "resolution"):
+        if getattr(cfg, key) is None and run.get(key) is not None:
+            setattr(cfg, key, run[key])
+            taken.append(f"{key}={run[key]}")
+    if cfg.task is None and cfg.test_data_dir is None and run.get("task"):
+        cfg.task = run["task"]
+        taken.append(f"task={run['task']}")
+    if taken:
+        notes.append(f"from {path}: {', '.join(taken)}")
+    cfg.side_network = cfg.side_network or "controlnet"
+
+
+# ----------------------------------------------------------------------------- test splits
+
+
+def task_split(task, count: int, seed: int) -> TestSplit:
+    """The held-out conditions of an embedded task, as validation draws them; their captions are
+    the prompts (models without text, such as the shipped ones, get the null context from them,
+    as validation does)."""
+    from .validation import HELD_OUT_SEED, held_out_task_samples
+
+    samples = held_out_task_samples(task, count, seed)
+    conditions = torch.stack(
+        [torch.from_numpy(s.condition).permute(2, 0, 1).float() / 255 for s in samples]
+    )
+    real = torch.stack(
+        [torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1 for s in samples]
+    )
+    return TestSplit(
+        kind="task",
+        conditions=conditions,
+        prompts=[s.caption for s in samples],
+        names=[str(i) for i in range(count)],
+        indices=list(range(count)),
+        real=real,
+        info={
+            "kind": "task",
+            "task": task.name,
+            "resolution": task.resolution,
+            "held_out_seed": HELD_OUT_SEED + seed,
+            "num_conditions": count,
+        },
+        task=task,
+        task_samples=samples,
+    )
+
+
+def test_data_source(path: str) -> Path:
+    """The folder of a test split: ``path`` itself, or its ``test/`` sub-folder when only that
+    holds a ``metadata.jsonl``."""
+    from ..data.folder import METADATA_FILE
+
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DataError(
+            f"--test_data_dir {path} does not exist; pass the folder of your test split (a "
+            "metadata.jsonl with image, conditioning_image and text columns, paths relative to "
+            "it)"
+        )
+    if not folder.is_dir():
+        raise DataError(f"--test_data_dir {path} is a file; pass the folder that holds it")
+    if not (folder / METADATA_FILE).is_file() and (folder / "test" / METADATA_FILE).is_file():
+        return folder / "test"
+    return folder
+
+
+def folder_split(cfg: EvalConfig, resolution: int, channels: int, multiple: int) -> TestSplit:
+    """The rows of a test folder (all, or ``num_conditions`` of them chosen with the seed, in
+    their order), centre-cropped as in training."""
+    from ..data.folder import METADATA_FILE, ControlDataset
+
+    source = test_data_source(cfg.test_data_dir)
+    try:
+        dataset = ControlDataset(
+            source,
+            resolution=resolution,
+            image_column=cfg.image_column,
+            conditioning_image_column=cfg.conditioning_image_column,
+            caption_column=cfg.caption_column,
+            condition_channels=channels,
+            seed=cfg.seed,
+            resolution_multiple=multiple,
+            split=cfg.split,
+        )
+    except DataError as err:
+        raise DataError(
+            f"no usable test split in --test_data_dir {cfg.test_data_dir}: {err}"
+        ) from None
+    total = len(dataset)
+    indices = list(range(total))
+    if cfg.num_conditions is not None and cfg.num_conditions < total:
+        chosen = np.random.default_rng(cfg.seed).permutation(total)[: cfg.num_conditions]
+        indices = sorted(int(i) for i in chosen)
+    items = [dataset[i] for i in indices]
+    names = [str(i) for i in indices]
+    metadata = source / METADATA_FILE
+    if metadata.is_file():
+        from .conditions import metadata_conditions, unique_names
+
+        rows = metadata_conditions(metadata, cfg.conditioning_image_column, None)
+        if len(rows) == total:
+            names = unique_names([rows[i].path.stem for i in indices], reserved=())
+    return TestSplit(
+        kind="folder",
+        conditions=torch.stack([item["conditioning_pixel_values"] for item in items]),
+        prompts=[item["caption"] for item in items],
+        names=names,
+        indices=indices,
+        real=torch.stack([item["pixel_values"] for item in items]),
+        info={
+            "kind": "folder",
+            "path": str(source),
+            "rows": total,
+            "num_conditions": len(indices),
+            "selection_seed": cfg.seed if len(indices) < total else None,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class FrechetScorer:
+    """Fréchet distance of samples to the split's real images (the task's reference renders for
+    an embedded task), on one set of features prepared once for every checkpoint."""
+
+    def __init__(self, split: TestSplit, cfg: EvalConfig, device, inception=None):
+        self.info: dict = {}
+        self.inception = inception
+        self.network = None
+        if inception is not None:
+            self.real = split.real
+            if split.task is not None:
+                from .feature_distance import REFERENCE_SEED, render
+
+                self.real = render(split.task, REFERENCE_SEED, cfg.feature_reference_size)
+            self.info = {"features": "inception_v3", "backend": "torchmetrics",
+                         "reference_size": len(self.real)}  # fmt: skip
+            return
+        if split.task is not None:
+            from .feature_distance import TaskFeatureDistance
+
+            distance = TaskFeatureDistance(
+                split.task,
+                reference_size=cfg.feature_reference_size,
+                train_steps=cfg.feature_train_steps,
+                pool=cfg.feature_pool,
+                device=device,
+            ).prepare()
+            self.network, self.accuracy = distance.network, distance.accuracy
+            self.reference = distance.reference_features()
+            what = f"renders of task {split.task.name}"
+        else:
+            from .feature_distance import fit_feature_network
+
+            real = _feature_size(split.real)
+            self.network, self.accuracy = fit_feature_network(
+                real, None, steps=cfg.feature_train_steps, device=device
+            )
+            self.reference = self._features(split.real)
+            what = "the real test images"
+        self.info = {
+            "features": f"task feature network trained on {what}",
+            "feature_train_steps": cfg.feature_train_steps,
+            "feature_accuracy": self.accuracy,
+            "reference_size": len(self.reference),
+        }
+
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.network.parameters()).device
+        images = _feature_size(images)
+        return torch.cat(
+            [self.network.features(c.to(device).float()).cpu() for c in images.split(256)]
+        )
+
+    def __call__(self, images: torch.Tensor) -> dict:
+        if self.inception is not None:
+            return {"frechet_distance": self.inception(self.real, images)}
+        from .metrics import frechet_from_features
+
+        value, backend = frechet_from_features(self.reference, self._features(images))
+        self.info["backend"] = backend
+        if backend != "torchmetrics":
+            self.info["note"] = "torchmetrics is not installed: the project's own Fréchet formula"
+        return {"frechet_distance": value}
+
+
+def _feature_size(images: torch.Tensor) -> torch.Tensor:
+    """Images larger than FEATURE_MAX_SIZE scaled down (antialiased) for the feature network."""
+    size = max(images.shape[-2:])
+    if size <= FEATURE_MAX_SIZE:
+        return images
+    scale = FEATURE_MAX_SIZE / size
+    out = (round(images.shape[-2] * scale), round(images.shape[-1] * scale))
+    return torch.nn.functional.interpolate(
+        images.float(), size=out, mode="bilinear", antialias=True, align_corners=False
+    )
+
+
+class Scorer:
+    """Every metric of one split: fidelity (task metric or extractor), Fréchet, CLIP."""
+
+    def __init__(
+        self,
+        split: TestSplit,
+        cfg: EvalConfig,
+        device,
+        notes: list[str],
+        extractor=None,
+        inception=None,
+    ):
+        self.split = split
+        self.extractor = extractor
+        self.reference: dict[str, float] = {}  # the extractor's scores on the real images
+        if split.task is not None:
+            self.metric = split.task.metric_name
+            self.higher_is_better = True
+        elif extractor is not None:
+            self.metric = self.extractor.metric_name
+            self.higher_is_better = self.extractor.higher_is_better
+            given = to_uint8(split.conditions, signed=False)
+            scores = self.extractor.compare(self.extractor.extract(to_uint8(split.real)), given)
+            self.reference = {f"reference_{k}": float(np.mean(v)) for k, v in scores.items()}
+        else:
+            self.metric, self.higher_is_better = None, True
+            notes.append("no condition fidelity: pass --extractor NAME to score user data by it")
+        self.frechet = None
+        if cfg.frechet:
+            if len(split.indices) < 2:
+                notes.append("no Fréchet distance: it needs at least 2 conditions")
+            else:
+                self.frechet = FrechetScorer(split, cfg, device, inception)
+        self.clip = None
+        if cfg.clip_model:
+            if any(p.strip() for p in split.prompts):
+                from .metrics import ClipScore
+
+                self.clip = ClipScore(cfg.clip_model, device)
+            else:
+                notes.append("no CLIP score: the test split has no prompts")
+        if self.metric is None:
+            self.metric = (
+                "frechet_distance" if self.frechet else "clip_score" if self.clip else None
+            )
+            self.higher_is_better = self.metric != "frechet_distance"
+
+    def __call__(self, images: torch.Tensor) -> tuple[dict, list[dict], np.ndarray | None]:
+        """(metrics, per-condition scores, re-extracted conditions or None) of samples (N, 3,
+        R, R) in [-1, 1], one per condition in the split's order."""
+        split = self.split
+        metrics: dict[str, float] = {}
+        per_condition: list[dict] = [
+            {"index": i, "name": n, "prompt": p}
+            for i, n, p in zip(split.indices, split.names, split.prompts)
+        ]
+        extracted = None
+        if split.task is not None:
+            from .validation import score_task_samples
+
+            metrics.update(score_task_samples(split.task, images, split.task_samples))
+            for k, row in enumerate(per_condition):
+                single = split.task.fidelity(images[k : k + 1], split.task_samples[k : k + 1])
+                row.update(single)
+        elif self.extractor is not None:
+            extracted = self.extractor.extract(to_uint8(images))
+            scores = self.extractor.compare(extracted, to_uint8(split.conditions, signed=False))
+            metrics.update({k: float(np.mean(v)) for k, v in scores.items()})
+            for k, row in enumerate(per_condition):
+                row.update({name: float(v[k]) for name, v in scores.items()})
+            metrics.update(self.reference)
+        if self.frechet is not None:
+            metrics.update(self.frechet(images))
+        if self.clip is not None:
+            clip = self.clip(to_uint8(images), split.prompts)
+            metrics["clip_score"] = float(clip.mean())
+            for k, row in enumerate(per_condition):
+                row["clip_score"] = float(clip[k])
+        return metrics, per_condition, extracted
+
+
+def sample_sheet(split: TestSplit, images: torch.Tensor, extracted, rows: int):
+    """condition | sample | real image [| condition re-extracted from the sample] per row."""
+    n = min(rows, len(split.indices))
+    columns = [
+        to_uint8(split.conditions[:n], signed=False),
+        to_uint8(images[:n]),
+        to_uint8(split.real[:n]),
+    ]
+    if extracted is not None:
+        columns.append(extracted[:n])
+    return image_grid([[c[i] for c in columns] for i in range(n)])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
+    """Run ``lisa eval``; returns what it writes to ``eval.json`` (plus ``"images"``: the
+    samples of the last side network, (N, 3, R, R) in [-1, 1], not written)."""
+    from ..families.loading import load_main_model
+    from .generate import SideNetworkSampler
+
+    check_config(cfg)
+    notes: list[str] = []
+    side_networks = side_networks_of(cfg)
+    run, run_path = run_config(side_networks)
+    fill_from_run(cfg, run, run_path, notes)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # What needs optional packages or files is checked before the models are loaded.
+    extractor = inception = None
+    if cfg.extractor:
+        from .extractors import make_extractor
+
+        extractor = make_extractor(
+            cfg.extractor,
+            cfg.extractor_weights,
+            low=cfg.edge_low_threshold,
+            high=cfg.edge_high_threshold,
+            tolerance=cfg.edge_tolerance,
+        )
+    if cfg.inception_weights and cfg.frechet:
+        from .metrics import InceptionFID
+
+        inception = InceptionFID(cfg.inception_weights, device)
+    model = load_main_model(
+        cfg.pretrained_model_name_or_path, cfg.task, allow_pickle=cfg.allow_pickle
+    )
+    resolution = int(cfg.resolution or model.resolution)
+    model.check_resolution(resolution)
+
+    def sampler_for(side: SideNetworkAt, encoders=None):
+        return SideNetworkSampler(
+            model,
+            side.path,
+            cfg.side_network,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            device=device,
+            allow_pickle=cfg.allow_pickle,
+            encoders=encoders,
+        )
+
+    sampler = sampler_for(side_networks[0])
+    task_name = cfg.task or (None if cfg.test_data_dir else model.task)
+    if cfg.test_data_dir:
+        split = folder_split(cfg, resolution, sampler.condition_channels, model.resolution_multiple)
+    elif task_name:
+        from ..data.tasks import get_task
+
+        count = cfg.num_conditions or DEFAULT_TASK_CONDITIONS
+        split = task_split(get_task(task_name, resolution=resolution), count, cfg.seed)
+    else:
+        raise ConfigError(
+            "no test split: pass --test_data_dir DIR (a folder with metadata.jsonl: image, "
+            "conditioning_image and text columns) or --task NAME (an embedded task)."
+        )
+    sampler.check_conditions(split.conditions)
+    scorer = Scorer(split, cfg, device, notes, extractor, inception)
+    if cfg.curve_metric:
+        scorer.metric = cfg.curve_metric
+        scorer.higher_is_better = cfg.curve_metric not in LOWER_IS_BETTER
+    series = cfg.checkpoints is not None
+    if series and scorer.metric is None:
+        raise ConfigError(
+            "a checkpoint series needs a metric for its curve: pass --extractor NAME, "
+            "--clip_model DIR, or keep the Fréchet distance on."
+        )
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    images = per_condition = None
+    for k, side in enumerate(side_networks):
+        if k > 0:
+            sampler = sampler_for(side, encoders=sampler.encoders)
+        images = sampler(
+            split.conditions,
+            split.prompts,
+            indices=split.indices,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
+        metrics, per_condition, extracted = scorer(images)
+        sheet = sample_sheet(split, images, extracted, cfg.sheet_rows)
+        if series:
+            sheet.save(out / f"samples-step-{side.step}.png")
+        if k == len(side_networks) - 1:
+            sheet.save(out / "samples.png")
+        results.append({"step": side.step, "path": str(side.path), "metrics": metrics})
+        if progress or series:
+            shown = " ".join(f"{m} {v:.4g}" for m, v in metrics.items())
+            print(f"{'step ' + str(side.step) if series else side.path}: {shown}", flush=True)
+    if scorer.metric is not None and scorer.metric not in results[-1]["metrics"]:
+        raise ConfigError(
+            f"--curve_metric {scorer.metric!r} is not among the metrics: "
+            f"{', '.join(results[-1]['metrics'])}."
+        )
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("command", "output_dir")}
+    settings.update(
+        resolution=resolution,
+        model=model.source,
+        family=model.family.name,
+        device=str(device),
+        side_network_paths=[str(s.path) for s in side_networks],
+    )
+    if scorer.extractor is not None:
+        settings["extractor_settings"] = scorer.extractor.settings()
+    report = {
+        "command": cfg.command,
+        "settings": settings,
+        "data": split.info,
+        "metric": scorer.metric,
+        "higher_is_better": scorer.higher_is_better,
+        "metrics": results[-1]["metrics"],
+        "per_condition": per_condition,
+        "frechet": scorer.frechet.info if scorer.frechet is not None else None,
+        "notes": notes,
+    }
+    if series:
+        report["checkpoints"] = results
+        report["curve"] = write_curve(out, results, scorer, cfg.threshold)
+    (out / "eval.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    return {**report, "images": images}
+
+
+def write_curve(out: Path, results: list[dict], scorer: Scorer, threshold: float | None) -> dict:
+    """``curve.json`` and ``curve.png`` of the headline metric over a checkpoint series."""
+    metric = scorer.metric
+    points = [(r["step"], r["metrics"].get(metric)) for r in results]
+    reached = steps_to_threshold(points, threshold, scorer.higher_is_better)
+    curve = {
+        "metric": metric,
+        "higher_is_better": scorer.higher_is_better,
+        "threshold": threshold,
+        "steps_to_threshold": reached,
+        "steps": [s for s, _ in points],
+        "values": [v for _, v in points],
+        "points": [{"step": r["step"], **r["metrics"]} for r in results],
+    }
+    (out / "curve.json").write_text(json.dumps(curve, indent=2, default=_jsonable))
+    plot_curve(points, metric, out / "curve.png", threshold, reached)
+    return {"file": str(out / "curve.json"), "steps_to_threshold": reached}
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

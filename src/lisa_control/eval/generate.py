@@ -1,0 +1,196 @@
+"""Seeded, batched generation with a side network, shared by ``lisa sample`` and ``lisa eval``.
+
+Each condition's initial noise comes from its own CPU generator, seeded by (seed, index) through
+:func:`condition_seed`, and its k-th sample takes the k-th draw of that generator. No random
+number depends on which other conditions share a batch, so ``batch_size`` does not change the
+images beyond the float rounding of batched kernels (about 1e-5 on CPU: at most one level of an
+8-bit pixel that sits on a rounding boundary). Condition 0 is seeded with ``seed`` itself, so a
+single condition draws what a diffusers pipeline draws with
+``generator=torch.Generator().manual_seed(seed)``.
+
+ControlNets on Stable Diffusion UNets go through diffusers' stock
+``StableDiffusionControlNetPipeline`` (given the noise as ``latents``); every other pair
+(pixel-space models, SD3 and Flux ControlNets, T2I-Adapters) through
+:func:`~lisa_control.eval.sampling.sample`, with conditions and prompts encoded as in training.
+Both use deterministic schedulers (see :func:`~lisa_control.eval.validation.evaluation_scheduler`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import ConfigError
+
+# SplitMix64's increment: seeds of neighbouring conditions are far apart in the 64-bit space,
+# and (seed, 0) -> seed.
+_GAMMA = 0x9E3779B97F4A7C15
+_MASK = 2**64 - 1
+
+
+def condition_seed(seed: int, index: int) -> int:
+    """The generator seed of condition ``index`` under ``seed``: ``seed + index * gamma``
+    modulo 2**64 (``seed`` itself for index 0)."""
+    if seed < 0 or index < 0:
+        raise ConfigError(f"seed and index must be >= 0, got seed={seed}, index={index}.")
+    return (int(seed) + int(index) * _GAMMA) & _MASK
+
+
+def condition_noise(
+    seed: int, index: int, shape: tuple[int, ...], draw: int = 0, dtype=torch.float32
+) -> torch.Tensor:
+    """Initial noise (1, *shape) of condition ``index``: draw number ``draw`` (0, 1, ...) from
+    its own CPU generator, unscaled."""
+    generator = torch.Generator("cpu").manual_seed(condition_seed(seed, index))
+    for _ in range(draw + 1):
+        noise = torch.randn((1, *shape), generator=generator, dtype=dtype)
+    return noise
+
+
+class SideNetworkSampler:
+    """A main model with one side network, ready to turn conditions into images.
+
+    Args:
+        model: the frozen :class:`~lisa_control.families.MainModel`.
+        side_network: a side network folder (diffusers layout).
+        kind: ``controlnet`` or ``t2i_adapter``, as ``--side_network``.
+        num_inference_steps: denoising steps (>= 1).
+        guidance_scale: ``None`` for the family's default (see ``Family.guidance``).
+    """
+
+    def __init__(
+        self,
+        model,
+        side_network: str | Path,
+        kind: str = "controlnet",
+        num_inference_steps: int = 20,
+        guidance_scale: float | None = None,
+        device=None,
+        allow_pickle: bool = False,
+        encoders=None,
+    ):
+        from ..families import branch_class
+        from ..families.loading import load_side_network
+        from .validation import evaluation_scheduler
+
+        if isinstance(num_inference_steps, bool) or int(num_inference_steps) < 1:
+            raise ConfigError(
+                f"--num_inference_steps must be >= 1, got {num_inference_steps}; 0 steps would "
+                "return the initial noise"
+            )
+        self.model = model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.num_inference_steps = int(num_inference_steps)
+        self.guidance_scale = guidance_scale
+        cls = branch_class(model.family, kind)
+        self.side_network = load_side_network(
+            str(side_network), allow_pickle, cls.side_network_class
+        )
+        self.branch = cls(model.main_network, self.side_network).to(self.device).eval()
+        self.pipeline = model.family.stock_pipeline(
+            model, self.side_network, evaluation_scheduler(model.scheduler)
+        )
+        if self.pipeline is not None:
+            self.pipeline = self.pipeline.to(self.device)
+            self.pipeline.set_progress_bar_config(disable=True)
+        self._encoders = encoders
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the condition images: RGB where the side network takes VAE latents."""
+        if self.model.condition_in_latent_space:
+            return 3
+        return self.branch.condition_channels
+
+    def check_conditions(self, conditions: torch.Tensor) -> None:
+        if conditions.shape[1] != self.condition_channels:
+            raise ConfigError(
+                f"the condition images have {conditions.shape[1]} channels but the side network "
+                f"expects {self.condition_channels}."
+            )
+
+    @property
+    def encoders(self):
+        if self._encoders is None:
+            from ..families.encoders import FrozenEncoders
+
+            self._encoders = FrozenEncoders(self.model, self.device)
+        return self._encoders
+
+    def noise_shape(self, resolution: int) -> tuple[int, int, int]:
+        size = resolution // self.model.vae_scale_factor
+        return (self.model.sample_channels, size, size)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        conditions: torch.Tensor,
+        prompts: list[str],
+        indices: list[int] | None = None,
+        seed: int = 0,
+        draw: int = 0,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images (N, 3, R, R) in [-1, 1] on the CPU, one per condition (N, C, R, R) in [0, 1]
+        and prompt; condition i's noise is draw ``draw`` of generator (seed, ``indices[i]``)
+        (``indices`` default 0..N-1). ``batch_size`` conditions are sampled together."""
+        n = conditions.shape[0]
+        indices = list(range(n)) if indices is None else list(indices)
+        if len(prompts) != n or len(indices) != n:
+            raise ConfigError(
+                f"got {n} conditions, {len(prompts)} prompts and {len(indices)} indices."
+            )
+        self.check_conditions(conditions)
+        batch_size = n if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1, got {batch_size}.")
+        shape = self.noise_shape(conditions.shape[-1])
+        starts = range(0, n, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="sampling", total=(n + batch_size - 1) // batch_size)
+        outputs = []
+        for start in starts:
+            rows = slice(start, start + batch_size)
+            noise = torch.cat([condition_noise(seed, i, shape, draw) for i in indices[rows]])
+            outputs.append(self._sample(conditions[rows], list(prompts[rows]), noise))
+        return torch.cat(outputs)
+
+    def _sample(self, conditions, prompts, noise) -> torch.Tensor:
+        if self.pipeline is not None:
+            cfg_scale, _ = self.model.family.guidance(self.model, self.guidance_scale)
+            images = self.pipeline(
+                prompts,
+                image=conditions.to(self.device),
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=cfg_scale,
+                latents=noise.to(self.device),
+                output_type="np",
+            ).images
+            return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1
+        from .sampling import decode, init_noise_sigma, sample
+        from .validation import inference_schedule
+
+        size = noise.shape[-1]
+        scheduler, schedule = inference_schedule(self.model, size, size, self.num_inference_steps)
+        cfg_scale, embedded_guidance = self.model.family.guidance(self.model, self.guidance_scale)
+        context = self.encoders.prompt_context(prompts)
+        if embedded_guidance is not None:
+            context.extra["guidance"] = embedded_guidance
+        negative = self.encoders.prompt_context([""] * len(prompts)) if cfg_scale > 1 else None
+        x = sample(
+            self.branch,
+            self.encoders.encode_condition(conditions.to(self.device)),
+            context,
+            scheduler,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=cfg_scale,
+            negative_context=negative,
+            latents=noise.to(self.device) * init_noise_sigma(scheduler),
+            schedule=schedule,
+        )
+        return decode(self.model.vae, x).float().cpu()

@@ -1,0 +1,465 @@
+"""``lisa pretrain``'s library side: train a small pixel-space main network from scratch on
+task images, through the shared loop.
+
+The network is a diffusers ``UNet2DConditionModel`` (DDPM eps or v objective) or a tiny
+``SD3Transformer2DModel`` flow DiT (rectified flow), conditioned on a constant null context,
+so every ControlNet tool works on it unchanged. This module builds the network, the data
+(task renders, kept on the device), the step, an EMA of the weights and the sample grids and
+realism curve; :class:`~lisa_control.training.loop.Loop` does the optimization.
+
+Writes ``output_dir/model`` (EMA weights, a folder ``lisa train --pretrained_model_name_or_path``
+takes), ``loss_log.jsonl``, ``curve.jsonl`` (realism of samples vs step),
+``samples/step-N.png`` and ``training_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..core.errors import ConfigError
+from ..core.step import StepOutput
+from ..families import family_of_network
+from ..families.loading import save_pixel_model
+from .logs import JsonLines, LossRecorder
+from .loop import Callback, Loop
+
+# Records stay on the device this many steps: a network this small is bound by kernel
+# launches, and a host sync per step would stall it.
+FLUSH_STEPS = 100
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+def null_context(network, batch: int, device):
+    """The constant context the main network is trained and sampled with, from its family."""
+    return family_of_network(network).null_context(network, batch, device)
+
+
+def predict(network, x, t, context):
+    """The main network's own prediction, as its family calls it."""
+    t = t.expand(x.shape[0]) if t.ndim == 0 else t
+    return family_of_network(network).predict(network, x, t, context)
+
+
+@torch.no_grad()
+def sample_unconditional(network, scheduler, n, resolution, steps, seed, device) -> torch.Tensor:
+    """Samples of the main network alone, in [-1, 1] (DPM-Solver++, or Euler for flow)."""
+    from ..eval.sampling import init_noise_sigma, scale_model_input
+    from ..eval.validation import evaluation_scheduler
+
+    sampler = evaluation_scheduler(scheduler)
+    sampler.set_timesteps(steps, device=device)
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, network.config.in_channels, resolution, resolution)
+    x = torch.randn(shape, generator=g).to(device) * init_noise_sigma(sampler)
+    ctx = null_context(network, n, device)
+    for t in sampler.timesteps:
+        out = predict(network, scale_model_input(sampler, x, t), t, ctx)
+        x = sampler.step(out.float(), t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+def build_main_network(args):
+    """(network, scheduler, objective name) for ``--architecture``."""
+    from diffusers import (
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
+
+    if args.architecture == "dit":
+        from ..zoo.flow import tiny_flow_dit_config
+
+        objective = args.objective or "flow"
+        if objective != "flow":
+            raise ConfigError("--architecture dit trains with --objective flow.")
+        network = SD3Transformer2DModel(
+            **tiny_flow_dit_config(
+                sample_size=args.resolution,
+                num_layers=args.dit_layers,
+                num_attention_heads=args.dit_heads,
+                attention_head_dim=args.dit_head_dim,
+            )
+        )
+        return network, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000), objective
+    from ..zoo.unet import tiny_unet
+
+    objective = args.objective or "epsilon"
+    if objective == "flow":
+        raise ConfigError("--objective flow needs --architecture dit.")
+    network = UNet2DConditionModel(
+        **tiny_unet(
+            sample_size=args.resolution,
+            in_channels=3,
+            block_out_channels=tuple(args.block_out_channels),
+            layers_per_block=args.layers_per_block,
+            cross_attention_dim=args.cross_attention_dim,
+            attention_at_full_resolution=False,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", prediction_type=objective
+    )
+    return network, scheduler, objective
+
+
+def load_initial_network(args):
+    """(network in fp32, scheduler, objective name, steps it was trained) from ``--init_from``,
+    refusing one that does not match the flags that still apply."""
+    from ..core.errors import ModelError
+    from ..families.loading import PIXEL_MODEL_FILE, load_main_model
+
+    model = load_main_model(args.init_from)
+    meta_file = Path(model.source) / PIXEL_MODEL_FILE
+    if not meta_file.is_file():
+        raise ConfigError(
+            f"--init_from {args.init_from!r} is not a `lisa pretrain` main network (no "
+            f"{PIXEL_MODEL_FILE}); pass a folder that `lisa pretrain` wrote, or embedded:TASK."
+        )
+    architecture = model.family.pretrain_architecture
+    if architecture is None:
+        raise ModelError(
+            f"--init_from {args.init_from!r} holds a {model.family.name} network; `lisa pretrain` "
+            "continues UNets (--architecture unet) and SD3-style DiTs (--architecture dit)."
+        )
+    if architecture != args.architecture:
+        raise ModelError(
+            f"--init_from {args.init_from!r} holds a {model.family.name} network but --architecture "
+            f"is {args.architecture}; pass --architecture {architecture}."
+        )
+    if model.resolution != args.resolution:
+        raise ConfigError(
+            f"--init_from {args.init_from!r} was trained at resolution {model.resolution}; "
+            f"pass --resolution {model.resolution}."
+        )
+    if args.objective and args.objective != model.objective:
+        raise ConfigError(
+            f"--init_from {args.init_from!r} predicts {model.objective}; drop --objective or "
+            f"pass --objective {model.objective}."
+        )
+    steps = int(json.loads(meta_file.read_text()).get("steps") or 0)
+    return model.main_network.float(), model.scheduler, model.objective, steps
+
+
+# ----------------------------------------------------------------------------- data and step
+
+
+def render_dataset(tasks, size: int, seed: int, num_workers: int) -> torch.Tensor:
+    """Render ``size`` images once (uint8, N x 3 x H x W), cycling through ``tasks``."""
+    from ..data.tasks import TaskDataset
+
+    per_task = [TaskDataset(t, size=size, seed=seed) for t in tasks]
+    mixed = torch.utils.data.Subset(
+        torch.utils.data.ConcatDataset(per_task),
+        [(i % len(tasks)) * size + i for i in range(size)],
+    )
+    loader = DataLoader(mixed, batch_size=256, num_workers=num_workers)
+    chunks = [((b["pixel_values"] + 1) * 127.5).round().to(torch.uint8) for b in loader]
+    return torch.cat(chunks)
+
+
+def image_batches(images, batch_size: int, seed: int, time_budget_s: float | None = None):
+    """Random batches of ``images`` in [-1, 1], drawn on the CPU from ``seed``; ends once
+    ``time_budget_s`` seconds have passed since the first batch."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t0 = time.perf_counter()
+    drawn = 0
+    while True:
+        if time_budget_s and time.perf_counter() - t0 > time_budget_s:
+            print(f"time budget reached at step {drawn}")
+            return
+        idx = torch.randint(0, len(images), (batch_size,), generator=g).to(images.device)
+        drawn += 1
+        yield images[idx].float() / 127.5 - 1
+
+
+class PretrainStep:
+    """The loop's step function: the objective's loss of the main network under its null
+    context, plus the regularizer's (LayerSync) when there is one."""
+
+    def __init__(self, network, objective, context, regularizer=None, bf16: bool = False):
+        self.network, self.objective, self.context = network, objective, context
+        self.regularizer = regularizer
+        device = next(network.parameters()).device
+        self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+    def __call__(self, x0: torch.Tensor, step: int) -> StepOutput:
+        noised = self.objective.sample(x0)
+        with self.autocast:
+            pred = predict(self.network, noised.x_t, noised.timesteps, self.context)
+            loss = self.objective.loss(pred, noised)
+            logs = {"diffusion_loss": loss.detach()}
+            if self.regularizer is not None:
+                reg = self.regularizer.loss()
+                loss = loss + reg.loss
+                logs["layersync_loss"] = reg.loss.detach()
+                logs.update(reg.logs)
+        logs["loss"] = loss.detach()
+        return StepOutput(loss=loss, logs=logs)
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+class EMA(Callback):
+    """An exponential moving average of ``network``'s weights, updated after every step with
+    the decay warmed up as ``min(decay, (1 + step) / (10 + step))``."""
+
+    def __init__(self, network, decay: float):
+        self.average = copy.deepcopy(network).requires_grad_(False)
+        self.decay = decay
+        self._targets, self._sources = list(self.average.parameters()), list(network.parameters())
+
+    @torch.no_grad()
+    def on_step_end(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._targets, self._sources, 1 - decay)
+
+
+class SampleGrids(Callback):
+    """Every ``--sample_every`` steps and at the last step: sample the EMA network, score the
+    samples' realism (and feature distance) per task, write a grid and a curve point."""
+
+    def __init__(self, args, tasks, images, ema, scheduler, recorder, out: Path, distances):
+        self.args, self.tasks, self.images, self.ema = args, tasks, images, ema
+        self.scheduler, self.recorder, self.distances = scheduler, recorder, distances
+        self.out = out
+        self.t0 = time.perf_counter()
+        self.last_sampled = None
+        (out / "curve.jsonl").write_text("")
+
+    def on_step_end(self, step: int) -> None:
+        if step % self.args.sample_every == 0 or step == self.args.max_train_steps:
+            self.write(step)
+
+    def on_train_end(self, step: int) -> None:
+        if step != self.last_sampled:
+            self.write(step)
+
+    def write(self, step: int) -> None:
+        from ..eval.images import image_grid, to_uint8
+
+        args, device = self.args, next(self.ema.parameters()).device
+        samples = sample_unconditional(
+            self.ema, self.scheduler, args.num_samples, args.resolution, args.sample_steps, 1234,
+            device,
+        )  # fmt: skip
+        reference = self.images[: args.num_samples].float() / 127.5 - 1
+        last = self.recorder.last
+        point = {
+            "step": step,
+            "seconds": time.perf_counter() - self.t0,
+            "loss": last["loss"] if last else None,
+            "realism": {t.name: t.realism(samples) for t in self.tasks},
+            "realism_of_training_images": {t.name: t.realism(reference) for t in self.tasks},
+        }
+        if self.distances:
+            point["feature_distance"] = {name: fd(samples) for name, fd in self.distances.items()}
+        JsonLines(self.out / "curve.jsonl").write([point])
+        u8 = to_uint8(samples[:64])
+        image_grid([list(u8[i : i + 8]) for i in range(0, len(u8), 8)]).save(
+            self.out / "samples" / f"step-{step}.png"
+        )
+        print(json.dumps(point), flush=True)
+        self.last_sampled = step
+
+
+def feature_distances(args, tasks, device) -> dict:
+    """Task-feature Fréchet distances per task when ``--feature_distance`` asks (default: on
+    CUDA only, where training their feature networks is quick)."""
+    if not (args.feature_distance or (args.feature_distance is None and device.type == "cuda")):
+        return {}
+    from ..eval.feature_distance import TaskFeatureDistance
+
+    distances = {
+        t.name: TaskFeatureDistance(
+            t, train_steps=args.feature_network_steps, device=device
+        ).prepare()
+        for t in tasks
+    }
+    print("feature networks:", {n: round(d.accuracy, 3) for n, d in distances.items()})
+    return distances
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def prepare_output(args) -> Path:
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {args.output_dir!r} is a file; give a directory.")
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_network(args, initial, device):
+    """(network in training mode on ``device``, scheduler, objective name, steps it was
+    trained before): ``initial`` (from :func:`load_initial_network`) or a new one."""
+    if initial is not None:
+        network, scheduler, objective, earlier_steps = initial
+        print(f"continuing from {args.init_from} ({earlier_steps} steps)")
+    else:
+        network, scheduler, objective = build_main_network(args)
+        earlier_steps = 0
+    return network.to(device).train(), scheduler, objective, earlier_steps
+
+
+def make_step(args, network, objective_name: str, scheduler, device) -> PretrainStep:
+    """The objective, LayerSync on the main network when asked, and the step around them."""
+    from ..core.objectives import make_objective
+
+    objective = make_objective(
+        objective_name, scheduler=None if objective_name == "flow" else scheduler
+    )
+    regularizer = None
+    if args.regularizer == "layersync":
+        from ..regularizers.layersync import LayerSync, default_pairs
+
+        pairs = args.layersync_pairs or default_pairs(network)
+        regularizer = LayerSync(network, pairs=pairs, weight=args.layersync_weight)
+    context = null_context(network, args.train_batch_size, device)
+    return PretrainStep(network, objective, context, regularizer, args.mixed_precision == "bf16")
+
+
+def make_optimizer(args, network):
+    """AdamW without weight decay, and a linear warmup over ``--lr_warmup_steps``."""
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(args.lr_warmup_steps, 1))
+    )
+    return optimizer, warmup
+
+
+def fit_network(args, network, step_fn, images, recorder, callbacks) -> int:
+    """Run the shared loop on ``network``; returns the steps done (fewer than
+    ``--max_train_steps`` when the time budget ran out)."""
+    optimizer, warmup = make_optimizer(args, network)
+    loop = Loop(
+        recorder.accelerator,
+        network,
+        step_fn,
+        optimizer,
+        warmup,
+        recorder,
+        max_grad_norm=1.0,
+        on_nonfinite=None,  # no per-step host sync; a NaN shows in the loss log and curve
+        callbacks=callbacks,
+    )
+    batches = image_batches(images, args.train_batch_size, args.seed, args.time_budget_s)
+    return loop.run(batches, 0, args.max_train_steps)
+
+
+def loss_recorder(out: Path, device) -> LossRecorder:
+    """A record per step in ``loss_log.jsonl``, written every :data:`FLUSH_STEPS` steps (and
+    when a sample grid reads the newest loss)."""
+    from accelerate import Accelerator
+
+    # One process; the step applies bf16 autocast itself.
+    accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
+    log = out / "loss_log.jsonl"
+    log.write_text("")
+    return LossRecorder(accelerator, [JsonLines(log)], logging_steps=1, flush_steps=FLUSH_STEPS)
+
+
+def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
+    """Train a main network as ``args`` (the flags of ``lisa pretrain``) say; returns the saved
+    model folder. ``command``, the command line that reproduces the run, goes into the model's
+    metadata."""
+    from ..data.tasks import get_task
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = [n.strip() for n in args.task.split(",") if n.strip()]
+    tasks = [get_task(n, resolution=args.resolution) for n in names]
+    out = prepare_output(args)
+    if args.torch_compile:
+        from .compilation import check_backend
+
+        check_backend(args.torch_compile_backend)
+    # before rendering, so a wrong folder fails in seconds, not after minutes of rendering
+    initial = load_initial_network(args) if args.init_from else None
+    t0 = time.perf_counter()
+    images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
+    print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
+    network, scheduler, objective, earlier_steps = make_network(args, initial, device)
+    ema = EMA(network, args.ema_decay)  # before LayerSync hooks the network
+    step_fn = make_step(args, network, objective, scheduler, device)
+    n_params = sum(p.numel() for p in network.parameters())
+    print(f"main network: {n_params / 1e6:.2f}M parameters on {device}")
+    if args.torch_compile:
+        from .compilation import compile_blocks
+
+        # after LayerSync's hooks, which keep their blocks eager
+        print("torch.compile:", compile_blocks(network, args.torch_compile_backend))
+    distances = feature_distances(args, tasks, device)
+    recorder = loss_recorder(out, device)
+    grids = SampleGrids(args, tasks, images, ema.average, scheduler, recorder, out, distances)
+    steps = fit_network(args, network, step_fn, images, recorder, [ema, grids])
+    if step_fn.regularizer is not None:
+        step_fn.regularizer.remove_hooks()
+    model_dir = out / "model"
+    dtype = torch.float16 if args.save_dtype == "fp16" else torch.float32
+    save_pixel_model(
+        model_dir,
+        ema.average.to(dtype).cpu(),
+        scheduler,
+        args.resolution,
+        names[0] if len(names) == 1 else None,
+        tasks=names,
+        objective=objective,
+        steps=earlier_steps + steps,
+        parameters=n_params,
+        initialized_from=args.init_from,
+        command=command,
+    )
+    plot_curve(out)
+    print(f"saved main network to {model_dir}")
+    return model_dir
+
+
+def plot_curve(out: Path) -> None:
+    """``training_curve.png``: the diffusion loss (means of windows), the samples' realism per
+    task and, when scored, their feature distance, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    points = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    with_distance = bool(points) and "feature_distance" in points[0]
+    fig, axes = plt.subplots(
+        1, 3 if with_distance else 2, figsize=(15 if with_distance else 10, 3.5)
+    )
+    a, b = axes[0], axes[1]
+    steps = [r["step"] for r in losses]
+    raw = torch.tensor([r["diffusion_loss"] for r in losses])
+    k = max(1, len(raw) // 100)
+    smooth = raw.unfold(0, k, k).mean(1) if len(raw) >= k else raw
+    a.plot(steps[k - 1 :: k][: len(smooth)], smooth.tolist())
+    a.set_xlabel("step")
+    a.set_ylabel("diffusion loss (mean of windows)")
+    for name in points[0]["realism"] if points else []:
+        b.plot([p["step"] for p in points], [p["realism"][name] for p in points], label=name)
+    b.set_xlabel("step")
+    b.set_ylabel("realism of samples")
+    b.legend()
+    if with_distance:
+        c = axes[2]
+        for name in points[0]["feature_distance"]:
+            c.plot([p["step"] for p in points], [p["feature_distance"][name] for p in points])
+        c.set_xlabel("step")
+        c.set_ylabel("task-feature Fréchet distance")
+        c.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "training_curve.png", dpi=100)
+    plt.close(fig)
