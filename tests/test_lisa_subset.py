@@ -508,3 +508,41 @@ def test_unknown_subset_and_timestep_subset_without_range_are_refused():
 def test_subset_size_rounds_up_and_ignores_float_noise():
     assert subset_size(0.25, 16) == 4 and subset_size(0.3, 10) == 3
     assert subset_size(0.01, 8) == 1 and subset_size(0.5, 7) == 4 and subset_size(1.0, 5) == 5
+
+
+# ----------------------------------------------------------------------------- lisa train
+
+
+def test_lisa_train_flags_reach_lisa_and_a_random_subset_resumes_exactly(tmp_path):
+    """``--lisa_batch_fraction 0.5 --lisa_subset random``: LISA reads 2 rows of each batch of 4
+    (the loss log's ``aux_rows``), and a run stopped at step 2 and resumed logs the same losses
+    as a run straight through: the subsets are drawn from the RNG the checkpoint saves."""
+    import json
+
+    from factories import make_image_folder, make_pixel_model
+
+    from lisa_control.cli import main
+
+    model = make_pixel_model(tmp_path / "model")
+    data = make_image_folder(tmp_path / "data", n=8)
+
+    def argv(out, steps, *extra):
+        return ["train", "--pretrained_model_name_or_path", str(model), "--train_data_dir",
+                str(data), "--resolution", "16", "--train_batch_size", "4", "--max_train_steps",
+                str(steps), "--checkpointing_steps", "2", "--validation_steps", "1000",
+                "--learning_rate", "1e-3", "--report_to", "none", "--output_dir", str(out),
+                "--no-progress", "--lisa_batch_fraction", "0.5", "--lisa_subset", "random",
+                *extra]  # fmt: skip
+
+    def log(out):
+        return [json.loads(x) for x in (out / "loss_log.jsonl").read_text().splitlines()]
+
+    assert main(argv(tmp_path / "straight", 4)) == 0
+    assert main(argv(tmp_path / "resumed", 2)) == 0
+    assert main(argv(tmp_path / "resumed", 4, "--resume_from_checkpoint", "latest")) == 0
+    straight, resumed = log(tmp_path / "straight"), log(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert all(r["aux_rows"] == 2 for r in straight)
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "aux_loss", "diffusion_loss"):
+            assert a[key] == b[key], (a["step"], key)

@@ -34,7 +34,8 @@ DEFAULTS = {
     "side_network": "controlnet", "regularizer": "lisa", "lisa_weight": 0.2, "lisa_layer": None,
     "lisa_distance": "mse", "lisa_timestep_range": None, "lisa_target": "residual",
     "lisa_final_weight": None, "lisa_weight_decay_steps": 0, "lisa_decoder_learning_rate": None,
-    "layersync_pairs": None, "layersync_weight": 0.2, "validation_image": None,
+    "lisa_batch_fraction": 1.0, "lisa_subset": "first", "layersync_pairs": None,
+    "layersync_weight": 0.2, "validation_image": None,
     "validation_prompt": None, "num_validation_images": 4, "validation_conditions": 8,
     "validation_steps": 100, "validation_inference_steps": 20, "validation_guidance_scale": 1.0,
     "validation_feature_distance": False, "logging_steps": 1, "report_to": "tensorboard",
@@ -53,6 +54,8 @@ OLD_FINGERPRINT = {
     "lisa_weight_decay_steps": 0, "lisa_decoder_learning_rate": None, "layersync_pairs": None,
     "layersync_weight": 0.2, "prediction_type": None, "timestep_sampler": "uniform",
 }  # fmt: skip
+# Fingerprint settings added since, at their defaults: a checkpoint without them ran with these.
+ADDED_SINCE = {"lisa_batch_fraction": 1.0, "lisa_subset": "first"}
 
 
 def test_flags_and_defaults_are_the_documented_ones():
@@ -71,7 +74,7 @@ def test_every_regularizer_spelling_fingerprints_as_the_joined_string(spelling):
     flags = dict(pretrained_model_name_or_path="M", train_data_dir="D", resolution=16,
                  train_batch_size=2)  # fmt: skip
     cfg = make_config({**flags, "regularizer": spelling})
-    assert cfg.fingerprint() == OLD_FINGERPRINT
+    assert cfg.fingerprint() == OLD_FINGERPRINT | ADDED_SINCE
     assert cfg.regularizer_names == ("lisa", "layersync")
 
 
@@ -124,8 +127,8 @@ def test_checkpoint_with_the_old_fingerprint_resumes_under_either_spelling(tmp_p
     state = json.loads(state_file.read_text())
     old = {**OLD_FINGERPRINT, "pretrained_model_name_or_path": str(model),
            "train_data_dir": str(data)}  # fmt: skip
-    assert state["fingerprint"] == old
-    state_file.write_text(json.dumps({**state, "fingerprint": old}))
+    assert state["fingerprint"] == old | ADDED_SINCE
+    state_file.write_text(json.dumps({**state, "fingerprint": old}))  # as older checkpoints hold it
     assert main(argv(2, "lisa")) == 2  # another regularizer is refused
     assert main(argv(2, "lisa+layersync")) == 0
     assert main(argv(3, "layersync", "lisa")) == 0
