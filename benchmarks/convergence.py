@@ -50,7 +50,7 @@ VARIANTS = {
     "lisa_t_high": {"regularizer": "lisa", "lisa_timestep_range": "500 1000"},
     "lisa_x0": {"regularizer": "lisa", "lisa_target": "x0"},
     "lisa_score": {"regularizer": "lisa", "lisa_target": "score"},
-    # "large early, decaying" (issue 5): 5 -> 0.2 and 1 -> 0.2 over the first 500 steps
+    # "large early, decaying": 5 -> 0.2 and 1 -> 0.2 over the first 500 steps
     "lisa_w5_decay": {
         "regularizer": "lisa",
         "lisa_weight": 5.0,
@@ -85,6 +85,15 @@ VARIANTS = {
 # Every zero projection of the tiny UNets' ControlNets (down_0 .. down_8; mid is above).
 VARIANTS.update(
     {f"lisa_down_{k}": {"regularizer": "lisa", "lisa_layer": f"down_{k}"} for k in range(9)}
+)
+# Noise-level weightings of the diffusion loss, alone and under LISA.
+VARIANTS.update(
+    {
+        "x0": {"regularizer": "none", "loss_weighting": "x0"},
+        "min_snr": {"regularizer": "none", "loss_weighting": "min_snr"},
+        "x0_lisa": {"regularizer": "lisa", "loss_weighting": "x0"},
+        "min_snr_lisa": {"regularizer": "lisa", "loss_weighting": "min_snr"},
+    }
 )
 
 

@@ -29,8 +29,9 @@ DEFAULTS = {
     "adam_weight_decay": 0.01, "adam_epsilon": 1e-08, "max_grad_norm": 1.0,
     "use_8bit_adam": False, "mixed_precision": None, "gradient_checkpointing": False,
     "allow_tf32": False, "torch_compile": False, "torch_compile_backend": "inductor",
-    "timestep_sampler": "uniform", "prediction_type": None, "on_nonfinite": "stop",
-    "checkpointing_steps": 500, "checkpoints_total_limit": None, "resume_from_checkpoint": None,
+    "timestep_sampler": "uniform", "prediction_type": None, "loss_weighting": "none",
+    "snr_gamma": 5.0, "x0_weight_max": 5.0, "on_nonfinite": "stop", "checkpointing_steps": 500,
+    "checkpoints_total_limit": None, "resume_from_checkpoint": None,
     "side_network": "controlnet", "regularizer": "lisa", "lisa_weight": 0.2, "lisa_layer": None,
     "lisa_distance": "mse", "lisa_timestep_range": None, "lisa_target": "residual",
     "lisa_final_weight": None, "lisa_weight_decay_steps": 0, "lisa_decoder_learning_rate": None,
@@ -55,7 +56,10 @@ OLD_FINGERPRINT = {
     "layersync_weight": 0.2, "prediction_type": None, "timestep_sampler": "uniform",
 }  # fmt: skip
 # Fingerprint settings added since, at their defaults: a checkpoint without them ran with these.
-ADDED_SINCE = {"lisa_batch_fraction": 1.0, "lisa_subset": "first"}
+ADDED_SINCE = {
+    "loss_weighting": "none", "snr_gamma": 5.0, "x0_weight_max": 5.0,
+    "lisa_batch_fraction": 1.0, "lisa_subset": "first",
+}  # fmt: skip
 
 
 def test_flags_and_defaults_are_the_documented_ones():

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ConfigError
+from ..families import side_network_kinds
 
 DEFAULT_OUTPUT = "samples.png"
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", required=True, help="a side network folder (diffusers)")
     p.add_argument(
         "--side_network",
-        choices=["controlnet", "t2i_adapter"],
+        choices=side_network_kinds(),
         default="controlnet",
         help="what kind of side network --controlnet holds (as in `lisa train`)",
     )

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..core.errors import CheckpointError, ConfigError, DataError, ModelError
+from ..core.weighting import make_weighting
 from ..core.step import ControlTrainingStep
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -70,7 +71,8 @@ def build(cfg: TrainConfig, accelerator) -> Training:
     sample_size, condition_channels = data_shapes(model, dataset, resolution)
     branch = build_branch(cfg, model, condition_channels)
     regularizers = build_regularizers(cfg, branch, sample_size)
-    objective = model.training_objective(cfg.prediction_type, cfg.timestep_sampler)
+    weighting = make_weighting(cfg.loss_weighting, cfg.snr_gamma, cfg.x0_weight_max)
+    objective = model.training_objective(cfg.prediction_type, cfg.timestep_sampler, weighting)
     step_module = ControlTrainingStep(branch, objective, regularizers)
     if cfg.torch_compile:
         compile_networks(cfg, branch, accelerator.print)

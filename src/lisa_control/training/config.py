@@ -17,22 +17,24 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import ConfigError
-
-# Regularizer names in the order they are built, summed and checkpointed.
-REGULARIZERS = ("lisa", "layersync")
+from ..core.weighting import WEIGHTINGS
+from ..families import side_network_kinds
+from ..regularizers import REGULARIZERS
 
 
 def flag(
     default: Any = None,
     help: str | None = None,
-    choices: tuple | None = None,
+    choices: tuple | Callable[[], tuple] | None = None,
     fingerprint: bool = False,
     nargs: str | int | None = None,
 ):
-    """A config field: ``help`` for ``--help``, ``choices`` checked by :func:`validate`,
+    """A config field: ``help`` for ``--help``, ``choices`` checked by :func:`validate` (a
+    callable is asked when checking, so registries that grow after import are seen),
     ``fingerprint`` when a checkpoint must agree on it to be resumed (it defines the model, its
     data order or its loss), ``nargs`` to override the count the annotation implies."""
     metadata = {"help": help, "choices": choices, "fingerprint": fingerprint, "nargs": nargs}
@@ -126,6 +128,18 @@ class TrainConfig:
     prediction_type: str | None = flag(
         None, choices=(None, "epsilon", "v_prediction", "flow"), fingerprint=True
     )
+    loss_weighting: str = flag(
+        "none",
+        "weight the diffusion loss by noise level: none (the paper), x0 (the error of the "
+        "implied clean sample, capped by --x0_weight_max) or min_snr (Min-SNR-gamma, "
+        "--snr_gamma)",
+        choices=WEIGHTINGS,
+        fingerprint=True,
+    )
+    snr_gamma: float = flag(5.0, "gamma of --loss_weighting min_snr", fingerprint=True)
+    x0_weight_max: float = flag(
+        5.0, "cap of the per-sample weight of --loss_weighting x0", fingerprint=True
+    )
     on_nonfinite: str = flag(
         "stop",
         "on a NaN/Inf loss, or gradient under bf16/fp32 (fp16 overflows are the grad scaler's): "
@@ -140,7 +154,7 @@ class TrainConfig:
         "controlnet",
         "controlnet (default; UNet, SD3 and Flux main networks) or t2i_adapter (UNet main "
         "networks)",
-        choices=("controlnet", "t2i_adapter"),
+        choices=lambda: tuple(side_network_kinds()),
         fingerprint=True,
     )
     # regularizers
@@ -148,7 +162,7 @@ class TrainConfig:
         "lisa",
         "lisa (default), none (plain ControlNet), layersync, or both: lisa layersync (also "
         "written lisa+layersync)",
-        choices=(*REGULARIZERS, "none"),
+        choices=lambda: (*REGULARIZERS, "none"),
         fingerprint=True,
         nargs="+",
     )
@@ -284,7 +298,7 @@ def _flag_type(f: dataclasses.Field):
 
 def _help(f: dataclasses.Field) -> str | None:
     """The field's help, or the values it takes when it has choices and no help."""
-    choices = [str(c) for c in f.metadata["choices"] or () if c is not None]
+    choices = [str(c) for c in field_choices(f) or () if c is not None]
     return f.metadata["help"] or (f"one of {', '.join(choices)}" if choices else None)
 
 
@@ -380,9 +394,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return make_config({**file_values, **args})
 
 
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    """The values a field takes, asking the registry when its choices are a callable."""
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
 def _check_choices(cfg: TrainConfig) -> None:
     for name, f in _FIELDS.items():
-        choices = f.metadata["choices"]
+        choices = field_choices(f)
         if choices is None:
             continue
         values = getattr(cfg, name).split("+") if name == "regularizer" else [getattr(cfg, name)]
