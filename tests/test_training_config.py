@@ -29,13 +29,14 @@ DEFAULTS = {
     "adam_weight_decay": 0.01, "adam_epsilon": 1e-08, "max_grad_norm": 1.0,
     "use_8bit_adam": False, "mixed_precision": None, "gradient_checkpointing": False,
     "allow_tf32": False, "torch_compile": False, "torch_compile_backend": "inductor",
-    "timestep_sampler": "uniform", "prediction_type": None, "on_nonfinite": "stop",
-    "loss_weighting": "none", "snr_gamma": 5.0, "x0_weight_max": 5.0,
-    "checkpointing_steps": 500, "checkpoints_total_limit": None, "resume_from_checkpoint": None,
+    "timestep_sampler": "uniform", "prediction_type": None, "loss_weighting": "none",
+    "snr_gamma": 5.0, "x0_weight_max": 5.0, "on_nonfinite": "stop", "checkpointing_steps": 500,
+    "checkpoints_total_limit": None, "resume_from_checkpoint": None,
     "side_network": "controlnet", "regularizer": "lisa", "lisa_weight": 0.2, "lisa_layer": None,
     "lisa_distance": "mse", "lisa_timestep_range": None, "lisa_target": "residual",
     "lisa_final_weight": None, "lisa_weight_decay_steps": 0, "lisa_decoder_learning_rate": None,
-    "layersync_pairs": None, "layersync_weight": 0.2, "validation_image": None,
+    "lisa_batch_fraction": 1.0, "lisa_subset": "first", "layersync_pairs": None,
+    "layersync_weight": 0.2, "validation_image": None,
     "validation_prompt": None, "num_validation_images": 4, "validation_conditions": 8,
     "validation_steps": 100, "validation_inference_steps": 20, "validation_guidance_scale": 1.0,
     "validation_feature_distance": False, "logging_steps": 1, "report_to": "tensorboard",
@@ -45,8 +46,6 @@ DEFAULTS = {
 
 # What a checkpoint's trainer_state.json held as its fingerprint for these flags before the
 # regularizer took a list: the regularizer as one "+"-joined string.
-# Fingerprinted settings newer than the fingerprint format above, at their defaults.
-NEWER_SETTINGS = {"loss_weighting": "none", "snr_gamma": 5.0, "x0_weight_max": 5.0}
 OLD_FINGERPRINT = {
     "pretrained_model_name_or_path": "M", "task": None, "dataset_name": None,
     "train_data_dir": "D", "resolution": 16, "seed": 0, "train_batch_size": 2,
@@ -55,6 +54,11 @@ OLD_FINGERPRINT = {
     "lisa_distance": "mse", "lisa_target": "residual", "lisa_final_weight": None,
     "lisa_weight_decay_steps": 0, "lisa_decoder_learning_rate": None, "layersync_pairs": None,
     "layersync_weight": 0.2, "prediction_type": None, "timestep_sampler": "uniform",
+}  # fmt: skip
+# Fingerprint settings added since, at their defaults: a checkpoint without them ran with these.
+ADDED_SINCE = {
+    "loss_weighting": "none", "snr_gamma": 5.0, "x0_weight_max": 5.0,
+    "lisa_batch_fraction": 1.0, "lisa_subset": "first",
 }  # fmt: skip
 
 
@@ -74,10 +78,7 @@ def test_every_regularizer_spelling_fingerprints_as_the_joined_string(spelling):
     flags = dict(pretrained_model_name_or_path="M", train_data_dir="D", resolution=16,
                  train_batch_size=2)  # fmt: skip
     cfg = make_config({**flags, "regularizer": spelling})
-    fingerprint = cfg.fingerprint()
-    # Settings added since keep their defaults, so older checkpoints resume (see below).
-    assert {k: fingerprint.pop(k) for k in NEWER_SETTINGS} == NEWER_SETTINGS
-    assert fingerprint == OLD_FINGERPRINT
+    assert cfg.fingerprint() == OLD_FINGERPRINT | ADDED_SINCE
     assert cfg.regularizer_names == ("lisa", "layersync")
 
 
@@ -130,8 +131,8 @@ def test_checkpoint_with_the_old_fingerprint_resumes_under_either_spelling(tmp_p
     state = json.loads(state_file.read_text())
     old = {**OLD_FINGERPRINT, "pretrained_model_name_or_path": str(model),
            "train_data_dir": str(data)}  # fmt: skip
-    assert state["fingerprint"] == {**old, **NEWER_SETTINGS}
-    state_file.write_text(json.dumps({**state, "fingerprint": old}))
+    assert state["fingerprint"] == old | ADDED_SINCE
+    state_file.write_text(json.dumps({**state, "fingerprint": old}))  # as older checkpoints hold it
     assert main(argv(2, "lisa")) == 2  # another regularizer is refused
     assert main(argv(2, "lisa+layersync")) == 0
     assert main(argv(3, "layersync", "lisa")) == 0

@@ -193,6 +193,8 @@ class FluxControlNetBranch(DualBranch):
     """
 
     side_network_class = FluxControlNetModel
+    # Position ids are per sequence, not per sample: a prior on some rows keeps them whole.
+    unbatched_context = ("txt_ids", "img_ids")
 
     main_network: FluxTransformer2DModel
     side_network: FluxControlNetModel
@@ -306,13 +308,22 @@ class FluxControlNetBranch(DualBranch):
         return unpack_latents(tokens, *x_t.shape[-2:])
 
     def forward(
-        self, x_t, timesteps, context: Context, condition, with_prior=False, conditioning_scale=1.0
+        self,
+        x_t,
+        timesteps,
+        context: Context,
+        condition,
+        with_prior=False,
+        conditioning_scale=1.0,
+        prior_rows=None,
     ) -> Prediction:
         self.check_inputs(x_t, condition)
         residuals = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
         output = self._main(x_t, timesteps, context, residuals)
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:

@@ -68,6 +68,10 @@ class UNetControlNetBranch(DualBranch):
         batched_prior: run the two up paths as one 2B-batch call (see
             ``unet_split.decode_with_prior``); needs ``shared_encoder_prior``. Equal up to the
             kernels' summation order; more backward work, so off unless a benchmark says so.
+
+    With ``prior_rows`` (k rows) the prior is computed for those rows only: the shared-encoder
+    path decodes the prior's up path on the k rows of the shared encoding (a B + k call when
+    batched), the full path runs the UNet on the k rows.
     """
 
     side_network_class = ControlNetModel
@@ -154,7 +158,14 @@ class UNetControlNetBranch(DualBranch):
         return down, mid
 
     def forward(
-        self, x_t, timesteps, context: Context, condition, with_prior=False, conditioning_scale=1.0
+        self,
+        x_t,
+        timesteps,
+        context: Context,
+        condition,
+        with_prior=False,
+        conditioning_scale=1.0,
+        prior_rows=None,
     ) -> Prediction:
         if condition.shape[1] != self.condition_channels:
             raise ModelError(
@@ -164,7 +175,7 @@ class UNetControlNetBranch(DualBranch):
             )
         if with_prior and self.shared_encoder_prior and self._can_share_encoder(x_t, context):
             return self._forward_shared_encoder(
-                x_t, timesteps, context, condition, conditioning_scale
+                x_t, timesteps, context, condition, conditioning_scale, prior_rows
             )
         down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
         main_dtype = self.main_network.dtype
@@ -176,8 +187,10 @@ class UNetControlNetBranch(DualBranch):
             return_dict=False,
             **self._main_kwargs(context, main_dtype),
         )[0]
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def _can_share_encoder(self, x_t, context: Context) -> bool:
         """Whether the split forward gives the full passes' results here.
@@ -200,9 +213,11 @@ class UNetControlNetBranch(DualBranch):
         return not any(p.requires_grad for p in main.parameters())
 
     def _forward_shared_encoder(
-        self, x_t, timesteps, context: Context, condition, conditioning_scale
+        self, x_t, timesteps, context: Context, condition, conditioning_scale, prior_rows=None
     ) -> Prediction:
         main_dtype = self.main_network.dtype
+        no_rows = prior_rows is not None and prior_rows.numel() == 0
+        batched = self.batched_prior and not no_rows
         with torch.no_grad():
             encoding = unet_split.encode(
                 self.main_network,
@@ -212,15 +227,21 @@ class UNetControlNetBranch(DualBranch):
             )
             # The prior first: its up-path activations are freed before the side network and the
             # controlled up path build their autograd graphs, which keeps the peak lower.
-            prior = None if self.batched_prior else unet_split.decode(self.main_network, encoding)
+            prior = None
+            if not (batched or no_rows):
+                prior = unet_split.decode(self.main_network, encoding.select(prior_rows))
         down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
         down = [r.to(main_dtype) for r in down]
         mid = mid.to(main_dtype)
-        if self.batched_prior:
-            output, prior = unet_split.decode_with_prior(self.main_network, encoding, down, mid)
+        if batched:
+            output, prior = unet_split.decode_with_prior(
+                self.main_network, encoding, down, mid, prior_rows=prior_rows
+            )
         else:
             output = unet_split.decode(self.main_network, encoding, down, mid)
-        return Prediction(output=output, prior=prior)
+        if no_rows:
+            prior = output.detach().new_empty((0, *output.shape[1:]))
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:

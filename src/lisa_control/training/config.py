@@ -199,6 +199,21 @@ class TrainConfig:
         "same, as in the paper)",
         fingerprint=True,
     )
+    lisa_batch_fraction: float = flag(
+        1.0,
+        "F in (0, 1]: compute the LISA prior, decoder and loss on ceil(F x batch) rows of each "
+        "batch, an unbiased estimate of the full loss at about F of the prior's cost (default "
+        "1: every row)",
+        fingerprint=True,
+    )
+    lisa_subset: str = flag(
+        "first",
+        "the rows --lisa_batch_fraction takes: first (default; the batch order is shuffled), "
+        "random, or timestep (the rows with t in --lisa_timestep_range, at most ceil(F x "
+        "batch) of them: that range's loss with a prior for those rows only)",
+        choices=("first", "random", "timestep"),
+        fingerprint=True,
+    )
     layersync_pairs: str | None = flag(None, fingerprint=True)
     layersync_weight: float = flag(0.2, fingerprint=True)
     # validation and logging
@@ -422,6 +437,9 @@ def _check_numbers(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and (value <= 0 or not math.isfinite(value)):
             raise ConfigError(f"--{key} must be a positive number, got {value}.")
+    f = cfg.lisa_batch_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise ConfigError(f"--lisa_batch_fraction must be a number in (0, 1], got {f!r}.")
     if not 0 <= cfg.proportion_empty_prompts <= 1:
         raise ConfigError("--proportion_empty_prompts must be in [0, 1].")
     if cfg.resolution is not None and cfg.resolution <= 0:
@@ -433,6 +451,24 @@ def _check_combinations(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--lisa_decoder_learning_rate is for the LISA decoder, but --regularizer is "
             f"{cfg.regularizer!r}; use --regularizer lisa (or lisa layersync), or drop the flag."
+        )
+    subset_flags = [
+        flag
+        for flag, value, default in (
+            ("--lisa_batch_fraction", cfg.lisa_batch_fraction, 1.0),
+            ("--lisa_subset", cfg.lisa_subset, "first"),
+        )
+        if value != default
+    ]
+    if subset_flags and "lisa" not in cfg.regularizer_names:
+        raise ConfigError(
+            f"{' and '.join(subset_flags)} choose the rows LISA reads, but --regularizer is "
+            f"{cfg.regularizer!r}; use --regularizer lisa (or lisa layersync), or drop them."
+        )
+    if cfg.lisa_subset == "timestep" and not cfg.lisa_timestep_range:
+        raise ConfigError(
+            "--lisa_subset timestep takes the rows with t in --lisa_timestep_range; give the "
+            "range too (e.g. --lisa_timestep_range 500 1000)."
         )
     sources = [s for s in (cfg.task, cfg.dataset_name, cfg.train_data_dir) if s]
     if len(sources) > 1:
