@@ -156,7 +156,7 @@ def run_flags(args, task, variant, seed) -> list[str]:
     argv = []
     for key, value in flags.items():
         argv += [f"--{key}", *str(value).split()]
-    return argv + ["--no-progress"]
+    return argv + ["--no-progress", "--overwrite_output_dir"]
 
 
 def launch_all(args) -> None:

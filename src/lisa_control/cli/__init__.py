@@ -59,6 +59,11 @@ COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "pretrain": _pret
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V"):
+        from .. import __version__
+
+        print(f"lisa-control {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
