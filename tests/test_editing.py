@@ -1,6 +1,6 @@
-"""CODE and SDEdit (``lisa_control.editing``): inversion round trips on tiny random and shipped
-networks, the clipping, thresholding and Langevin formulas, seeding, the corruption suite and
-PSNR/SSIM."""
+"""CODE and SDEdit (``lisa_control.editing``, ``lisa edit``): inversion round trips on tiny random
+and shipped networks, the clipping, thresholding and Langevin formulas, seeding, the corruption
+suite, PSNR/SSIM, and the command's outputs and one-line errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from factories import make_pixel_model
+from PIL import Image
 
+from lisa_control.cli import main
 from lisa_control.core.errors import ConfigError
 from lisa_control.data.tasks import get_task
 from lisa_control.editing import (
@@ -406,3 +409,105 @@ def test_ssim_and_psnr_match_their_definitions():
     assert ssim(a, a).item() == pytest.approx(1.0)
     mse = (((a + 1) / 2 - (b + 1) / 2) ** 2).mean().item()
     assert psnr(a, b).item() == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def write_renders(folder, count=3, seed=7):
+    folder.mkdir(parents=True, exist_ok=True)
+    task = get_task("pose")
+    for i in range(count):
+        Image.fromarray(task.sample(seed, i).image).save(folder / f"render{i}.png")
+    return folder
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("lisa edit: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--t0", "0"], "t0 must be in (0, 1]"),
+        (["--t0", "1.5"], "t0 must be in (0, 1]"),
+        (["--eta", "0"], "eta"),
+        (["--corruption", "snow"], "unknown corruption 'snow'; choose one of: gaussian_noise"),
+        (["--severity", "9", "--corruption", "fog"], "severity"),
+        (["--controlnet", "x"], "--controlnet and --condition"),
+    ],
+)
+def test_bad_settings_end_in_one_line(flags, message, tmp_path, capsys):
+    inputs = write_renders(tmp_path / "in", count=1)
+    argv = ["edit", "--pretrained_model_name_or_path", "embedded:pose", "--input", str(inputs),
+            "--output_dir", str(tmp_path / "out"), *flags]  # fmt: skip
+    assert main(argv) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_bad_inputs_end_in_one_line(tmp_path, capsys):
+    base = ["edit", "--pretrained_model_name_or_path", "embedded:pose",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(base + ["--input", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in one_line_error(capsys)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert main(base + ["--input", str(tmp_path / "empty")]) == 2
+    assert "no images in input folder" in one_line_error(capsys)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.new("RGB", (36, 32)).save(odd / "a.png")
+    assert main(base + ["--input", str(odd)]) == 2
+    assert "36 does not fit this model: give a positive multiple of 8" in one_line_error(capsys)
+    inputs = write_renders(tmp_path / "in", count=1)
+    assert main(base[:-1] + [str(inputs), "--input", str(inputs)]) == 2
+    assert "would overwrite the inputs" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("method", ["code", "sdedit"])
+def test_command_writes_one_output_per_input_and_a_sheet(method, tmp_path, capsys):
+    inputs = write_renders(tmp_path / "in", count=3)
+    out = tmp_path / "out"
+    code = main(["edit", "--pretrained_model_name_or_path", "embedded:pose", "--input",
+                 str(inputs), "--output_dir", str(out), "--method", method, "--t0", "0.3",
+                 "--num_inference_steps", "20", "--langevin_steps", "4", "--step_size", "1e-3",
+                 "--corruption", "gaussian_noise", "--severity", "3",
+                 "--device", "cpu"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    names = sorted(p.name for p in inputs.iterdir())
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(names + ["sheet.png"])
+    assert sorted(p.name for p in (out / "corrupted").iterdir()) == names
+    for name in names:
+        before = np.asarray(Image.open(out / "corrupted" / name), dtype=np.float32)
+        after = np.asarray(Image.open(out / name), dtype=np.float32)
+        assert after.shape == before.shape == (32, 32, 3)
+        assert np.abs(after - before).mean() > 2.0
+    sheet = Image.open(out / "sheet.png")
+    assert sheet.size == (3 * 34 + 2, 3 * 34 + 2)  # clean | corrupted | output, 3 rows
+
+
+def test_command_edits_with_a_side_network_and_conditions(tmp_path, capsys):
+    from lisa_control.families import UNetControlNetBranch
+
+    model_dir = make_pixel_model(tmp_path / "model", resolution=16)
+    model = load_edit_model(str(model_dir))
+    branch = UNetControlNetBranch.from_main(model.main_network, condition_downscale=1)
+    branch.save_side_network(tmp_path / "controlnet")
+    inputs, conditions = tmp_path / "in", tmp_path / "cond"
+    for folder in (inputs, conditions):
+        folder.mkdir()
+        for i in range(2):
+            pixels = (images(1, seed=i)[0].permute(1, 2, 0).numpy() + 1) * 127.5
+            Image.fromarray(pixels.round().astype(np.uint8)).save(folder / f"x{i}.png")
+    out = tmp_path / "out"
+    code = main(["edit", "--pretrained_model_name_or_path", str(model_dir),
+                 "--input", str(inputs), "--output_dir", str(out),
+                 "--controlnet", str(tmp_path / "controlnet"), "--condition", str(conditions),
+                 "--num_inference_steps", "10", "--t0", "0.3", "--langevin_steps", "2",
+                 "--device", "cpu"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["sheet.png", "x0.png", "x1.png"]
+    assert Image.open(out / "sheet.png").size == (3 * 18 + 2, 2 * 18 + 2)  # input | cond | output

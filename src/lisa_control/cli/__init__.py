@@ -11,10 +11,11 @@ import sys
 
 from ..core.errors import LisaError
 
-USAGE = """usage: lisa {train,sample,pretrain,demo} [flags]
+USAGE = """usage: lisa {train,sample,edit,pretrain,demo} [flags]
 
   train     train a side network (ControlNet) with LISA; flags as diffusers' train_controlnet.py
   sample    generate with a trained side network
+  edit      restore or edit images with a pretrained model (CODE, or SDEdit)
   pretrain  train a small main network from scratch on an embedded task
   demo      plain ControlNet vs LISA on the embedded pose task, with a report
 
@@ -35,6 +36,12 @@ def _sample(argv):
     main(argv)
 
 
+def _edit(argv):
+    from .edit import main
+
+    main(argv)
+
+
 def _pretrain(argv):
     from .pretrain import main
 
@@ -47,7 +54,7 @@ def _demo(argv):
     main(argv)
 
 
-COMMANDS = {"train": _train, "sample": _sample, "pretrain": _pretrain, "demo": _demo}
+COMMANDS = {"train": _train, "sample": _sample, "edit": _edit, "pretrain": _pretrain, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:
