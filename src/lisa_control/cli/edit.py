@@ -243,6 +243,8 @@ def edit(args) -> Path:
     if (args.controlnet is None) != (args.condition is None):
         raise ConfigError("--controlnet and --condition go together: pass both or neither.")
     files = list_images(args.input)
+    if args.prompt and len(args.prompt) not in (1, len(files)):
+        raise ConfigError(f"give one --prompt, or one per input ({len(files)}).")
     out = Path(args.output_dir).expanduser()
     sheet_path = Path(args.sheet).expanduser() if args.sheet else out / "sheet.png"
     _check_outputs(files, out, sheet_path)
