@@ -4,8 +4,8 @@
 batch of the same shape, dtype and range. Severities run 1..5; each corruption's randomness is
 drawn from numpy's generator seeded with (seed, index of the image in the batch, corruption), so
 an image's corruption depends only on the seed and its position, and one seed draws the same
-random field at every severity: a higher severity scales or extends that field, which makes the
-distance to the clean image grow with the severity.
+random numbers at every severity: a higher severity strengthens the same noise, mask or pixel
+choice, so the distance to the clean image grows with the severity.
 
 The blur's width is given for 32 x 32 images and scales with the image size; pixelation and fog
 are relative to the image size already. Only torch, numpy and PIL are used.
@@ -22,7 +22,8 @@ fog                (v + c1 plasma) max(v) / (max(v) + c1), plasma a fractal nois
                    [0, 1] with roughness c2; (c1, c2) = (1.5, 2), (2, 2), (2.5, 1.7),
                    (2.5, 1.5), (3, 1.4) as ImageNet-C
 masking            one square of a random colour covering 10, 20, 30, 40, 50% of the image,
-                   centred at a random point (clipped at the border)
+                   centred at a random point, shifted inside the image where it would cross
+                   the border
 salt_and_pepper    a share 0.03, 0.06, 0.09, 0.17, 0.27 of the pixels set to black or white
 =================  ==================================================================
 """
