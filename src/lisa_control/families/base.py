@@ -80,6 +80,11 @@ class Family:
         whose context is more than one text encoder's hidden states."""
         raise NotImplementedError
 
+    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of ``pixels`` in [-1, 1] through ``vae``, before its shift and scale (images
+        (B, 3, H, W) in one call; video families encode their frames)."""
+        return vae.encode(pixels).latent_dist.sample()
+
     # ------------------------------------------------------------------ objective
 
     def training_objective(
