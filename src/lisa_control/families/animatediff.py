@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -567,21 +568,30 @@ class StockVideoPipeline:
             video = image[row]  # (C, F, H, W) in [0, 1]
             num_frames, height, width = video.shape[1:]
             indices = list(range(num_frames)) if self.frame_indices is None else self.frame_indices
-            frames = [video[:, f] for f in (indices if self.sparse else range(num_frames))]
+            # The ControlNet pipeline takes a list of (C, H, W) frames; SparseCtrl's checks each
+            # list entry as an image batch, so it gets (1, C, H, W) ones.
+            if self.sparse:
+                frames = [video[None, :, f] for f in indices]
+            else:
+                frames = [video[:, f] for f in range(num_frames)]
             extra = {"controlnet_frame_indices": indices} if self.sparse else {}
-            output = self.pipeline(
-                prompt,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                conditioning_frames=frames,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                latents=latents[row : row + 1],
-                output_type=output_type,
-                **extra,
-                **kwargs,
-            ).frames
+            with warnings.catch_warnings():
+                # The (1, C, H, W) list SparseCtrl's checks require is deprecated by the image
+                # processor that then stacks it; the result is the same.
+                warnings.filterwarnings("ignore", "Passing `image` as a list of 4d", FutureWarning)
+                output = self.pipeline(
+                    prompt,
+                    num_frames=num_frames,
+                    height=height,
+                    width=width,
+                    conditioning_frames=frames,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    latents=latents[row : row + 1],
+                    output_type=output_type,
+                    **extra,
+                    **kwargs,
+                ).frames
             videos.append(output if output_type == "latent" else np.asarray(output))
         if output_type == "latent":
             return SimpleNamespace(images=torch.cat(videos))

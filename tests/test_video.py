@@ -1,0 +1,442 @@
+"""Video: the animatediff family (UNetMotionModel + per-frame ControlNet or SparseCtrl), the
+``pose_video`` task, video folders, and video outputs of sampling.
+
+The branches are checked against the formulas written out here with diffusers' own calls and
+the AnimateDiff pipelines' reshapes (frames flattened batch-major, text repeated per frame), and
+the saved side networks against diffusers' stock AnimateDiff pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    SparseControlNetModel,
+    UNetMotionModel,
+)
+from factories import tiny_clip
+
+from lisa_control.core.branch import Context
+from lisa_control.core.hooks import resolve_layer
+from lisa_control.core.objectives import DiffusionObjective
+from lisa_control.core.step import ControlTrainingStep
+from lisa_control.families import get_family
+from lisa_control.families.animatediff import (
+    AnimateDiffControlNetBranch,
+    AnimateDiffSparseControlNetBranch,
+    FrameScoreDecoder,
+    from_frames,
+    to_frames,
+)
+from lisa_control.regularizers.decoders import ScoreDecoder
+from lisa_control.regularizers.lisa import lisa_for_branch
+from lisa_control.zoo.video import tiny_unet_motion
+
+BATCH, FRAMES, LATENT, CONTEXT_DIM, TOKENS = 2, 4, 8, 16, 3
+SPARSE_FRAMES = [0, 2]
+BRANCHES = {
+    "controlnet": AnimateDiffControlNetBranch,
+    "sparse_controlnet": AnimateDiffSparseControlNetBranch,
+}
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def motion_unet(seed: int = 5) -> UNetMotionModel:
+    """Latent-space motion UNet: 4 channels, 8 x 8 latents, 16-d text."""
+    return tiny_unet_motion(seed=seed, sample_size=LATENT, in_channels=4)
+
+
+def make_branch(kind: str, unet=None):
+    """Condition at twice the latent size, as the 2x VAE below gives; SparseCtrl on fixed frames
+    (its random training subsets are tested on their own)."""
+    unet = unet or motion_unet()
+    if kind == "sparse_controlnet":
+        return AnimateDiffSparseControlNetBranch.from_main(
+            unet, condition_downscale=2, frame_indices=SPARSE_FRAMES, random_training_frames=False
+        )
+    return AnimateDiffControlNetBranch.from_main(unet, condition_downscale=2)
+
+
+def text_context(seed: int = 0, batch: int = BATCH) -> Context:
+    g = torch.Generator().manual_seed(seed)
+    return Context(encoder_hidden_states=torch.randn(batch, TOKENS, CONTEXT_DIM, generator=g))
+
+
+def video_batch(seed: int = 0):
+    """x0, condition, noise and fixed timesteps; every frame differs."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(BATCH, 4, FRAMES, LATENT, LATENT, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    condition = torch.rand(BATCH, 3, FRAMES, 2 * LATENT, 2 * LATENT, generator=g)
+    return x0, condition, noise, torch.tensor([130, 870])
+
+
+def randomize_zero_parameters(module: torch.nn.Module, seed: int = 0) -> None:
+    """Small random values for every all-zero parameter, so every path carries gradient."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+# ----------------------------------------------------------------------------- raw formulas
+
+
+def raw_controlnet(branch, x_t, timesteps, ctx, condition):
+    """As AnimateDiffControlNetPipeline: frames flattened by transpose(1, 2) + reshape, the text
+    repeated per frame, residuals into the UNetMotionModel as they are."""
+    side, main = branch.side_network, branch.main_network
+    b, c, f, h, w = x_t.shape
+    frames = torch.transpose(x_t, 1, 2).reshape(-1, c, h, w)
+    cond = torch.transpose(condition, 1, 2).reshape(-1, condition.shape[1], *condition.shape[3:])
+    states = ctx.encoder_hidden_states.repeat_interleave(f, dim=0)
+    down, mid = side(
+        frames,
+        timesteps.repeat_interleave(f),
+        encoder_hidden_states=states,
+        controlnet_cond=cond,
+        return_dict=False,
+    )
+    output = main(
+        x_t,
+        timesteps,
+        encoder_hidden_states=states,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    ).sample
+    with torch.no_grad():
+        prior = main(x_t, timesteps, encoder_hidden_states=states).sample
+    return output, prior
+
+
+def raw_sparse(branch, x_t, timesteps, ctx, condition, indices=SPARSE_FRAMES):
+    """As AnimateDiffSparseControlNetPipeline.prepare_sparse_control_conditioning: zeros with
+    the given frames at their indices, a mask that is 1 there."""
+    side, main = branch.side_network, branch.main_network
+    b, _, f, h, w = condition.shape
+    sparse = torch.zeros_like(condition)
+    sparse[:, :, indices] = condition[:, :, indices]
+    mask = torch.zeros(b, 1, f, h, w)
+    mask[:, :, indices] = 1
+    states = ctx.encoder_hidden_states.repeat_interleave(f, dim=0)
+    down, mid = side(
+        x_t,
+        timesteps,
+        encoder_hidden_states=states,
+        controlnet_cond=sparse,
+        conditioning_mask=mask,
+        return_dict=False,
+    )
+    output = main(
+        x_t,
+        timesteps,
+        encoder_hidden_states=states,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    ).sample
+    with torch.no_grad():
+        prior = main(x_t, timesteps, encoder_hidden_states=states).sample
+    return output, prior
+
+
+RAW = {"controlnet": raw_controlnet, "sparse_controlnet": raw_sparse}
+
+
+def raw_decode(decoder, feature, timesteps, num_frames):
+    """Frame f of video b is feature row b * F + f, decoded with video b's timestep, placed at
+    [b, :, f]: one ScoreDecoder call per frame."""
+    videos = []
+    for b in range(timesteps.shape[0]):
+        frames = [
+            ScoreDecoder.forward(decoder, feature[b * num_frames + f][None], timesteps[b : b + 1])[0]
+            for f in range(num_frames)
+        ]
+        videos.append(torch.stack(frames, dim=1))  # (C, F, H, W)
+    return torch.stack(videos)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_frame_layout_is_the_pipelines_and_the_motion_unets():
+    video = torch.randn(2, 3, 5, 4, 6)
+    frames = to_frames(video)
+    # AnimateDiffControlNetPipeline's reshape of x_t for the ControlNet
+    expected = torch.transpose(video, 1, 2).reshape(-1, 3, 4, 6)
+    assert torch.equal(frames, expected)
+    assert torch.equal(frames[1 * 5 + 3], video[1, :, 3])
+    # UNetMotionModel's reshape of its output back to the video
+    back = frames[None, :].reshape((-1, 5) + frames.shape[1:]).permute(0, 2, 1, 3, 4)
+    assert torch.equal(from_frames(frames, 5), back) and torch.equal(back, video)
+
+
+def test_the_family_is_registered_with_both_side_networks():
+    family = get_family("animatediff")
+    assert family.network_class is UNetMotionModel and family.network_folder == "unet"
+    assert family.side_networks == BRANCHES
+    from lisa_control.families import family_of_network, family_of_pipeline
+
+    assert family_of_network(motion_unet()) is family
+    assert family_of_pipeline("AnimateDiffControlNetPipeline") is family
+    assert family_of_pipeline("StableDiffusionPipeline").name == "unet"
+
+
+# ----------------------------------------------------------------------------- LISA
+
+
+@pytest.mark.parametrize("kind", BRANCHES)
+def test_loss_and_gradients_match_the_raw_formula(kind):
+    branch = make_branch(kind)
+    lisa = lisa_for_branch(branch)
+    assert isinstance(lisa.decoder, FrameScoreDecoder)
+    assert lisa.layer == "down_2"  # the middle zero projection of a two-block ControlNet
+    randomize_zero_parameters(branch.side_network, seed=1)
+    randomize_zero_parameters(lisa.decoder, seed=2)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    step = ControlTrainingStep(branch, DiffusionObjective(scheduler, "epsilon"), [lisa]).train()
+    ctx = text_context()
+    x0, condition, noise, timesteps = video_batch()
+    side_names, side_params = zip(*branch.side_network.named_parameters())
+    decoder_names, decoder_params = zip(*lisa.decoder.named_parameters())
+    params = [*side_params, *decoder_params]
+    names = [*side_names, *(f"decoder.{n}" for n in decoder_names)]
+
+    out = step(x0, ctx, condition, noise=noise, timesteps=timesteps)
+    got = grads(out.loss, params)
+
+    lisa.remove_hooks()
+    captured = []
+    hooked = resolve_layer(branch.side_network, lisa.layer).module
+    handle = hooked.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    abar = scheduler.alphas_cumprod[timesteps].reshape(-1, 1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    output, prior = RAW[kind](branch, x_t, timesteps, ctx, condition)
+    handle.remove()
+    assert captured[0].shape[0] == BATCH * FRAMES
+    decoded = raw_decode(lisa.decoder, captured[0], timesteps, FRAMES)
+    aux = ((decoded - (noise - prior)) ** 2).mean()
+    expected_loss = F.mse_loss(output, noise) + 0.2 * aux
+    expected = grads(expected_loss, params)
+
+    torch.testing.assert_close(out.loss, expected_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.logs["aux_loss"], aux.detach(), rtol=1e-6, atol=1e-7)
+    for name, a, b in zip(names, got, expected):
+        if a is None or b is None:
+            assert a is None and b is None, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    side_grads, decoder_grads = got[: len(side_params)], got[len(side_params) :]
+    assert sum(g is not None and bool(g.any()) for g in side_grads) > len(side_grads) // 2
+    assert all(g is not None and g.any() for g in decoder_grads)
+
+
+def test_the_decoder_places_each_frame_at_its_video_and_frame():
+    """A feature that is nonzero on one frame only decodes to a prediction that differs from the
+    zero feature's on that frame of that video only."""
+    branch = make_branch("controlnet")
+    lisa = lisa_for_branch(branch)
+    randomize_zero_parameters(lisa.decoder, seed=3)
+    channels = branch.side_network.controlnet_down_blocks[2].in_channels
+    feature = torch.zeros(BATCH * FRAMES, channels, LATENT // 2, LATENT // 2)
+    timesteps = torch.tensor([100, 100])
+    base = lisa.decoder(feature, timesteps)
+    feature[1 * FRAMES + 2] = 1.0
+    changed = (lisa.decoder(feature, timesteps) - base).abs().amax(dim=(1, 3, 4))  # (B, F)
+    assert base.shape == (BATCH, 4, FRAMES, LATENT, LATENT)
+    assert changed[1, 2] > 0 and changed.count_nonzero() == 1
+
+
+@pytest.mark.parametrize("kind", BRANCHES)
+def test_zero_side_network_starts_at_the_prior_and_the_main_network_stays_frozen(kind):
+    branch = make_branch(kind)
+    lisa = lisa_for_branch(branch)
+    step = ControlTrainingStep(
+        branch, DiffusionObjective(DDPMScheduler(), "epsilon"), [lisa]
+    ).train()
+    x0, condition, noise, timesteps = video_batch()
+    with torch.no_grad():
+        batch = step.objective.sample(x0, noise=noise, timesteps=timesteps)
+        prediction = branch(batch.x_t, timesteps, text_context(), condition, with_prior=True)
+    torch.testing.assert_close(prediction.output, prediction.prior, rtol=0, atol=0)
+    main_before = {k: v.clone() for k, v in branch.main_network.state_dict().items()}
+    side_before = {k: v.clone() for k, v in branch.side_network.state_dict().items()}
+    optimizer = torch.optim.AdamW(step.trainable_parameters(), lr=1e-3)
+    for _ in range(2):  # the zero projections move first, then everything before them
+        optimizer.zero_grad()
+        step(x0, text_context(), condition, noise=noise, timesteps=timesteps).loss.backward()
+        optimizer.step()
+    assert not branch.main_network.training
+    assert all(not p.requires_grad and p.grad is None for p in branch.main_network.parameters())
+    for key, value in branch.main_network.state_dict().items():
+        assert torch.equal(value, main_before[key]), key
+    changed = {k for k, v in branch.side_network.state_dict().items() if not torch.equal(v, side_before[k])}
+    assert any(k.startswith("controlnet_down_blocks") for k in changed)
+    assert lisa.decoder.out.weight.abs().sum() > 0
+
+
+def test_sparse_training_frames_are_random_subsets_drawn_from_the_global_seed():
+    branch = AnimateDiffSparseControlNetBranch.from_main(motion_unet(), condition_downscale=2)
+    condition = torch.rand(64, 3, FRAMES, 4, 4)
+    torch.manual_seed(7)
+    first = branch.train().frame_mask(condition)
+    torch.manual_seed(7)
+    assert torch.equal(branch.frame_mask(condition), first)
+    counts = first.sum(1)
+    assert set(first.unique().tolist()) == {0.0, 1.0} and counts.min() >= 1
+    assert len(set(counts.tolist())) > 2  # different numbers of conditioned frames
+    # In eval mode: the branch's frame_indices, by default every frame.
+    assert torch.equal(branch.eval().frame_mask(condition), torch.ones(64, FRAMES))
+    only = branch.frame_mask(condition, frame_indices=[1, 3])
+    assert only[:, [1, 3]].all() and not only[:, [0, 2]].any()
+
+
+# ----------------------------------------------------------------------------- stock pipelines
+
+
+def tiny_vae() -> AutoencoderKL:
+    """2x downsampling: 16 px frames, 8 x 8 latents."""
+    torch.manual_seed(20)
+    return AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def latent_model(tmp_path_factory):
+    """A latent AnimateDiff model: motion UNet, 2x VAE, a 16-d CLIP text encoder."""
+    from transformers import CLIPTextModel
+
+    from lisa_control.families import MainModel
+
+    torch.manual_seed(21)
+    text_encoder, tokenizer = tiny_clip(tmp_path_factory.mktemp("clip"), CLIPTextModel)
+    return MainModel(
+        main_network=motion_unet(),
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
+        family=get_family("animatediff"),
+        vae=tiny_vae(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        resolution=2 * LATENT,
+    )
+
+
+def trained_side_network(kind, model, folder):
+    """Two optimizer steps with LISA (so every zero projection has moved), then save."""
+    branch = make_branch(kind, model.main_network)
+    lisa = lisa_for_branch(branch)
+    step = ControlTrainingStep(branch, DiffusionObjective(model.scheduler, "epsilon"), [lisa])
+    optimizer = torch.optim.AdamW(step.trainable_parameters(), lr=1e-2)
+    x0, condition, noise, timesteps = video_batch()
+    for _ in range(2):
+        optimizer.zero_grad()
+        step(x0, text_context(), condition, noise=noise, timesteps=timesteps).loss.backward()
+        optimizer.step()
+    lisa.remove_hooks()
+    branch.save_side_network(folder)
+    return branch
+
+
+STOCK = {"controlnet": ControlNetModel, "sparse_controlnet": SparseControlNetModel}
+
+
+@pytest.mark.filterwarnings("ignore:Passing `image` as a list of 4d:FutureWarning")
+@pytest.mark.parametrize("kind", BRANCHES)
+def test_saved_side_network_drives_the_stock_pipeline_as_our_sampler(kind, latent_model, tmp_path):
+    """The saved side network loads in its stock class; diffusers' AnimateDiff pipeline, given
+    the same initial latents, scheduler and prompt embeddings (with classifier-free guidance),
+    ends at the latents our sampler ends at."""
+    from lisa_control.eval.sampling import sample
+
+    branch = trained_side_network(kind, latent_model, tmp_path / kind)
+    side = STOCK[kind].from_pretrained(tmp_path / kind)
+    for key, value in branch.side_network.state_dict().items():
+        assert torch.equal(side.state_dict()[key], value), key
+    assert side.controlnet_down_blocks[0].weight.abs().sum() > 0
+
+    scheduler = DPMSolverMultistepScheduler.from_config(latent_model.scheduler.config)
+    stock = latent_model.family.stock_pipeline(latent_model, side, scheduler)
+    stock.set_progress_bar_config(disable=True)
+    if kind == "sparse_controlnet":
+        stock.frame_indices = SPARSE_FRAMES
+    ctx, negative = text_context(seed=3, batch=1), text_context(seed=4, batch=1)
+    condition = torch.rand(1, 3, FRAMES, 2 * LATENT, 2 * LATENT, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(1, 4, FRAMES, LATENT, LATENT, generator=torch.Generator().manual_seed(6))
+    video = condition[0]
+    if kind == "sparse_controlnet":  # a list of image batches: (1, C, H, W) each
+        frames = [video[None, :, f] for f in SPARSE_FRAMES]
+    else:  # a list of (C, H, W) frames
+        frames = [video[:, f] for f in range(FRAMES)]
+    extra = {"controlnet_frame_indices": SPARSE_FRAMES} if kind == "sparse_controlnet" else {}
+    stock_latents = stock.pipeline(
+        prompt_embeds=ctx.encoder_hidden_states,
+        negative_prompt_embeds=negative.encoder_hidden_states,
+        num_frames=FRAMES,
+        height=2 * LATENT,
+        width=2 * LATENT,
+        conditioning_frames=frames,
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        latents=noise,
+        output_type="latent",
+        **extra,
+    ).frames
+
+    ours = make_branch(kind, latent_model.main_network)
+    ours.side_network = side
+    latents = sample(
+        ours.eval(),
+        condition,
+        ctx,
+        DPMSolverMultistepScheduler.from_config(latent_model.scheduler.config),
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        negative_context=negative,
+        latents=noise.clone(),
+    )
+    assert latents.shape == (1, 4, FRAMES, LATENT, LATENT)
+    assert (latents - noise).abs().max() > 0.1
+    torch.testing.assert_close(latents, stock_latents, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", BRANCHES)
+def test_lisa_sample_path_gives_the_stock_pipelines_frames(kind, latent_model, tmp_path):
+    """SideNetworkSampler (what `lisa sample` runs) through the stock pipeline and through our
+    sampler, from the same per-condition noise and prompts: the same decoded frames."""
+    from lisa_control.eval.generate import SideNetworkSampler
+    from lisa_control.families.animatediff import StockVideoPipeline
+
+    trained_side_network(kind, latent_model, tmp_path / kind)
+    sampler = SideNetworkSampler(
+        latent_model, tmp_path / kind, kind, num_inference_steps=2, guidance_scale=2.0, device="cpu"
+    )
+    assert isinstance(sampler.pipeline, StockVideoPipeline)
+    g = torch.Generator().manual_seed(8)
+    conditions = torch.rand(2, 3, FRAMES, 2 * LATENT, 2 * LATENT, generator=g)
+    prompts = ["a cat", "two dogs"]
+    stock = sampler(conditions, prompts, seed=3, batch_size=2)
+    sampler.pipeline = None
+    ours = sampler(conditions, prompts, seed=3, batch_size=2)
+    assert stock.shape == (2, 3, FRAMES, 2 * LATENT, 2 * LATENT)
+    assert (stock[:, :, 0] - stock[:, :, 1]).abs().max() > 0  # frames differ
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
