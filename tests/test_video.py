@@ -440,3 +440,81 @@ def test_lisa_sample_path_gives_the_stock_pipelines_frames(kind, latent_model, t
     assert stock.shape == (2, 3, FRAMES, 2 * LATENT, 2 * LATENT)
     assert (stock[:, :, 0] - stock[:, :, 1]).abs().max() > 0  # frames differ
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- pose_video
+
+
+def video_tensors(samples):
+    """Ground-truth videos (B, 3, F, H, W) in [-1, 1], as the dataset serves them."""
+    return torch.stack(
+        [torch.from_numpy(s.image.astype(np.float32)).movedim(-1, 0) / 127.5 - 1 for s in samples]
+    )
+
+
+@pytest.fixture(scope="module")
+def pose_video():
+    from lisa_control.data.tasks import get_task
+
+    task = get_task("pose_video", resolution=32)
+    return task, [task.sample(0, i) for i in range(12)]
+
+
+def test_pose_video_renders_move_and_are_deterministic(pose_video):
+    from lisa_control.data.tasks import TaskDataset, get_task
+
+    task, samples = pose_video
+    assert task.frames == 8
+    s = samples[0]
+    assert s.image.shape == (8, 32, 32, 3) and s.condition.shape == (8, 32, 32, 3)
+    assert s.image.dtype == np.uint8 and s.meta["joints"].shape == (8, 14, 2)
+    for s in samples:
+        # Every frame differs from the one before, in the image, the condition and the joints.
+        assert all(np.any(s.image[f] != s.image[f + 1]) for f in range(7))
+        assert all(np.any(s.condition[f] != s.condition[f + 1]) for f in range(7))
+        assert np.linalg.norm(np.diff(s.meta["joints"], axis=0), axis=-1).mean() > 0.5
+    # The camera pans in some clips: the background moves, not only the figure.
+    assert any(np.abs(s.meta["camera"][-1]).max() >= 1 for s in samples)
+    again = get_task("pose_video", resolution=32).sample(0, 3)
+    assert np.array_equal(again.image, samples[3].image) and again.caption == samples[3].caption
+    assert np.array_equal(again.condition, samples[3].condition)
+    assert not np.array_equal(task.sample(1, 3).image, samples[3].image)
+    item = TaskDataset(task, size=4)[2]
+    assert item["pixel_values"].shape == (3, 8, 32, 32)
+    assert item["conditioning_pixel_values"].shape == (3, 8, 32, 32)
+    assert torch.equal(item["pixel_values"], video_tensors([samples[2]])[0])
+    long = get_task("pose_video", resolution=32, frames=16).sample(0, 0)
+    assert long.image.shape[0] == 16
+
+
+def test_pose_video_metrics_are_one_on_ground_truth_and_low_on_noise(pose_video):
+    task, samples = pose_video
+    truth = video_tensors(samples)
+    perfect = task.fidelity(truth, samples)
+    assert perfect["pck"] == 1.0 and perfect["temporal_consistency"] == 1.0
+    assert perfect["detected"] == 1.0 and task.realism(truth) == 1.0
+    noise = task.fidelity(torch.rand_like(truth) * 2 - 1, samples)
+    assert noise["pck"] < 0.05 and noise["temporal_consistency"] < 0.05
+    assert task.realism(torch.rand_like(truth) * 2 - 1) < 0.05
+    # A frozen clip (its first frame repeated) and a clip whose frames are shuffled keep most
+    # markers but lose the motion.
+    frozen = task.fidelity(truth[:, :, :1].expand_as(truth), samples)
+    assert frozen["temporal_consistency"] < 0.75 and frozen["pck"] < 0.9
+    shuffled = task.fidelity(truth[:, :, [0, 4, 1, 6, 2, 7, 3, 5]], samples)
+    assert shuffled["temporal_consistency"] < 0.5
+    # Per-frame PCK: one blank frame out of eight costs an eighth.
+    blank = truth.clone()
+    blank[:, :, 3] = 0
+    assert task.fidelity(blank, samples)["pck"] == pytest.approx(7 / 8)
+
+
+def test_pose_video_refuses_what_it_cannot_render():
+    from lisa_control.core.errors import ConfigError
+    from lisa_control.data.tasks import get_task
+
+    with pytest.raises(ConfigError, match="2 to 16 frames"):
+        get_task("pose_video", frames=17)
+    with pytest.raises(ConfigError, match="at least 32"):
+        get_task("pose_video", resolution=16)
+    with pytest.raises(ConfigError, match="no setting frames"):
+        get_task("pose", frames=8)

@@ -1,7 +1,7 @@
 """The control tasks of the embedded default, by name.
 
-Procedural tasks (``pose``, ``edges``, ``segmentation``, ``super_resolution``) render seeded
-samples on the fly and need no files; the tasks of :mod:`lisa_control.data.packaged` read images
+Procedural tasks (``pose``, ``edges``, ``segmentation``, ``super_resolution``, and the video
+task ``pose_video``) render seeded samples on the fly and need no files; the tasks of :mod:`lisa_control.data.packaged` read images
 that OS packages install. Every task scores generated images with a deterministic metric.
 """
 
@@ -12,7 +12,7 @@ from .registry import available_tasks, get_task, register_task
 
 # The task modules, procedural and packaged, register themselves on import.
 from .. import packaged  # noqa: E402, F401
-from . import edges, pose, segmentation, super_resolution  # noqa: E402, F401
+from . import edges, pose, pose_video, segmentation, super_resolution  # noqa: E402, F401
 
 __all__ = [
     "ProceduralTask",
