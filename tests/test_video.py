@@ -8,8 +8,6 @@ the saved side networks against diffusers' stock AnimateDiff pipelines.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -163,7 +161,9 @@ def raw_decode(decoder, feature, timesteps, num_frames):
     videos = []
     for b in range(timesteps.shape[0]):
         frames = [
-            ScoreDecoder.forward(decoder, feature[b * num_frames + f][None], timesteps[b : b + 1])[0]
+            ScoreDecoder.forward(decoder, feature[b * num_frames + f][None], timesteps[b : b + 1])[
+                0
+            ]
             for f in range(num_frames)
         ]
         videos.append(torch.stack(frames, dim=1))  # (C, F, H, W)
@@ -284,7 +284,9 @@ def test_zero_side_network_starts_at_the_prior_and_the_main_network_stays_frozen
     assert all(not p.requires_grad and p.grad is None for p in branch.main_network.parameters())
     for key, value in branch.main_network.state_dict().items():
         assert torch.equal(value, main_before[key]), key
-    changed = {k for k, v in branch.side_network.state_dict().items() if not torch.equal(v, side_before[k])}
+    changed = {
+        k for k, v in branch.side_network.state_dict().items() if not torch.equal(v, side_before[k])
+    }
     assert any(k.startswith("controlnet_down_blocks") for k in changed)
     assert lisa.decoder.out.weight.abs().sum() > 0
 
@@ -380,7 +382,9 @@ def test_saved_side_network_drives_the_stock_pipeline_as_our_sampler(kind, laten
     if kind == "sparse_controlnet":
         stock.frame_indices = SPARSE_FRAMES
     ctx, negative = text_context(seed=3, batch=1), text_context(seed=4, batch=1)
-    condition = torch.rand(1, 3, FRAMES, 2 * LATENT, 2 * LATENT, generator=torch.Generator().manual_seed(5))
+    condition = torch.rand(
+        1, 3, FRAMES, 2 * LATENT, 2 * LATENT, generator=torch.Generator().manual_seed(5)
+    )
     noise = torch.randn(1, 4, FRAMES, LATENT, LATENT, generator=torch.Generator().manual_seed(6))
     video = condition[0]
     if kind == "sparse_controlnet":  # a list of image batches: (1, C, H, W) each

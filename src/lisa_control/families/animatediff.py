@@ -26,9 +26,9 @@ out as the video (B, C, F, H, W) that the LISA target has.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -629,7 +629,9 @@ class AnimateDiffFamily(Family):
                 check_weight_files(local / sub, allow_pickle)
         kw = dict(revision=revision, use_safetensors=not allow_pickle)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer", revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, subfolder="tokenizer", revision=revision
+            )
             text_encoder = CLIPTextModel.from_pretrained(
                 name, subfolder="text_encoder", revision=revision, variant=variant
             )
@@ -649,7 +651,9 @@ class AnimateDiffFamily(Family):
                     name, subfolder="motion_adapter", variant=variant, **kw
                 )
                 unet = UNetMotionModel.from_unet2d(image_unet, adapter)
-            scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=revision)
+            scheduler = DDPMScheduler.from_pretrained(
+                name, subfolder="scheduler", revision=revision
+            )
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(

@@ -3,9 +3,9 @@
 and the ``pose_video`` task.
 
 ``image_unet_of`` and ``motion_adapter_for`` (from the family) split such a network into the
-two parts an AnimateDiff pipeline folder stores. Everything here is random-weight and small (about 0.3M parameters with the defaults); no hub
-access. Samples are (batch, channels, frames, height, width), as diffusers' AnimateDiff takes
-them.
+two parts an AnimateDiff pipeline folder stores. Everything here is random-weight and small
+(about 0.3M parameters with the defaults); no hub access. Samples are (batch, channels, frames,
+height, width), as diffusers' AnimateDiff takes them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 from diffusers import UNetMotionModel
 
 from ..families.animatediff import image_unet_of, motion_adapter_for  # noqa: F401
-
 from .unet import tiny_unet
 
 
