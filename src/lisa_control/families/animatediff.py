@@ -274,12 +274,17 @@ class _MotionBranch(DualBranch):
     def condition_channels(self) -> int:
         return self.side_network.config.conditioning_channels
 
-    @staticmethod
-    def _check_video(x_t, condition=None) -> None:
+    def _check_video(self, x_t, condition=None) -> None:
         if x_t.ndim != 5:
             raise ModelError(
                 f"the animatediff family denoises videos (batch, channels, frames, height, "
                 f"width); got x_t of shape {tuple(x_t.shape)}."
+            )
+        longest = self.main_network.config.motion_max_seq_length
+        if x_t.shape[2] > longest:
+            raise ModelError(
+                f"the motion modules of this UNetMotionModel take at most {longest} frames, got "
+                f"{x_t.shape[2]}; use shorter clips (--num_frames)."
             )
         if condition is None:
             return
@@ -611,6 +616,7 @@ class AnimateDiffFamily(Family):
     network_folder = "unet"
     scheduler_class = DDPMScheduler
     pipeline_prefixes = ("AnimateDiff",)
+    takes_video = True
     side_networks = {
         "controlnet": AnimateDiffControlNetBranch,
         "sparse_controlnet": AnimateDiffSparseControlNetBranch,
