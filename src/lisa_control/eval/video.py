@@ -150,9 +150,13 @@ def read_condition_videos(
             prompt = row.get(caption_column) if caption_column else None
             if isinstance(prompt, list) and prompt:
                 prompt = prompt[0]
-            videos.append((frames, prompt if isinstance(prompt, str) else None, Path(row[column]).stem))
+            videos.append(
+                (frames, prompt if isinstance(prompt, str) else None, Path(row[column]).stem)
+            )
     names = unique_names([name for _, _, name in videos])
-    return [ConditionVideo(frames, prompt, name) for (frames, prompt, _), name in zip(videos, names)]
+    return [
+        ConditionVideo(frames, prompt, name) for (frames, prompt, _), name in zip(videos, names)
+    ]
 
 
 def condition_video_tensors(
@@ -178,7 +182,9 @@ def condition_video_tensors(
         )
     return torch.stack(
         [
-            torch.stack([to_condition_tensor(f, resolution, channels) for f in v.frames[:frames]], 1)
+            torch.stack(
+                [to_condition_tensor(f, resolution, channels) for f in v.frames[:frames]], 1
+            )
             for v in videos
         ]
     )
