@@ -8,10 +8,13 @@ the saved side networks against diffusers' stock AnimateDiff pipelines.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
@@ -522,3 +525,335 @@ def test_pose_video_refuses_what_it_cannot_render():
         get_task("pose_video", resolution=16)
     with pytest.raises(ConfigError, match="no setting frames"):
         get_task("pose", frames=8)
+
+
+# ----------------------------------------------------------------------------- lisa train / sample
+
+
+@pytest.fixture(scope="module")
+def pixel_video_model(tmp_path_factory):
+    """A pixel-space motion UNet saved as `lisa pretrain` saves models, for pose_video: the
+    trainer picks the family and the task from its folder."""
+    from lisa_control.families.loading import save_pixel_model
+
+    folder = tmp_path_factory.mktemp("video_model") / "model"
+    unet = tiny_unet_motion(seed=0, sample_size=32)
+    save_pixel_model(folder, unet, DDPMScheduler(), resolution=32, task="pose_video")
+    return folder
+
+
+def train_argv(model, out, steps, kind, *extra):
+    flags = dict(
+        pretrained_model_name_or_path=model, num_frames=4, train_batch_size=2,
+        max_train_steps=steps, checkpointing_steps=2, validation_steps=2,
+        validation_conditions=2, validation_inference_steps=2, learning_rate=1e-3, seed=0,
+        output_dir=out, report_to="none", side_network=kind,
+    )  # fmt: skip
+    argv = ["train"]
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return argv + ["--no-progress", *extra]
+
+
+def losses(out):
+    return [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", BRANCHES)
+def test_lisa_train_pose_video_resumes_bit_exactly_and_validates_with_animations(
+    kind, pixel_video_model, tmp_path
+):
+    """`lisa train` on a pose_video model folder: the family and task come from the folder;
+    stopping after 2 steps and resuming gives the same 4 losses (SparseCtrl's random frame
+    subsets included); validation writes a GIF and a frame sheet and scores the clips."""
+    from PIL import Image
+
+    from lisa_control.cli import main
+
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert main(train_argv(pixel_video_model, full, 4, kind)) == 0
+    assert main(train_argv(pixel_video_model, broken, 2, kind)) == 0
+    resume = ("--resume_from_checkpoint", "latest")
+    assert main(train_argv(pixel_video_model, broken, 4, kind, *resume)) == 0
+    reference, resumed = losses(full), losses(broken)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+    assert all(r["aux_loss"] > 0 for r in reference)
+
+    side = STOCK[kind].from_pretrained(full / "controlnet")
+    assert side.controlnet_down_blocks[0].weight.abs().sum() > 0
+    with Image.open(full / "validation" / "step-4.gif") as gif:
+        assert gif.n_frames == 4  # condition | sample | ground truth, per frame
+    with Image.open(full / "validation" / "step-4_frames.png") as sheet:
+        # two conditions x (condition, sample, truth) lines of 4 frames of 32 px, 2 px gutters
+        assert sheet.size == (2 + 4 * 34, 2 + 6 * 34)
+    scores = [json.loads(line) for line in (full / "validation.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in scores] == [2, 4]
+    assert {"pck", "temporal_consistency"} <= set(scores[0])
+
+
+def test_lisa_sample_takes_condition_videos_and_writes_gifs_and_a_frame_sheet(
+    pixel_video_model, tmp_path, capsys
+):
+    from PIL import Image
+
+    from lisa_control.cli import main
+    from lisa_control.data.tasks import get_task
+
+    branch = AnimateDiffControlNetBranch.from_main(
+        tiny_unet_motion(seed=0, sample_size=32), condition_downscale=1
+    )
+    randomize_zero_parameters(branch.side_network)
+    branch.save_side_network(tmp_path / "controlnet")
+    clip = get_task("pose_video", resolution=32, frames=4).sample(0, 0)
+    frames = [Image.fromarray(f) for f in clip.condition]
+    frames[0].save(tmp_path / "walk.gif", save_all=True, append_images=frames[1:], loop=0)
+    (tmp_path / "frames").mkdir()
+    for k, frame in enumerate(frames):
+        frame.save(tmp_path / "frames" / f"{k:02d}.png")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"conditioning_video": "frames", "text": "walking"}) + "\n"
+    )
+    argv = [
+        "sample", "--controlnet", str(tmp_path / "controlnet"),
+        "--pretrained_model_name_or_path", str(pixel_video_model),
+        "--image", str(tmp_path / "walk.gif"), str(tmp_path / "metadata.jsonl"),
+        "--num_inference_steps", "2", "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "frames.gif", "grid.gif", "grid_frames.png", "walk.gif"
+    ]  # fmt: skip
+    with Image.open(out / "walk.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (32, 32)
+        first = np.asarray(gif.convert("RGB"))
+        gif.seek(3)
+        assert np.any(np.asarray(gif.convert("RGB")) != first)  # an animation, not a still
+    with Image.open(out / "grid_frames.png") as sheet:
+        assert sheet.size == (2 + 4 * 34, 2 + 4 * 34)  # 2 conditions x (condition, sample)
+    assert "2 video(s)" in capsys.readouterr().out
+
+
+def test_frozen_encoders_encode_videos_frame_by_frame(latent_model):
+    from lisa_control.families.encoders import FrozenEncoders
+
+    encoders = FrozenEncoders(latent_model, "cpu")
+    pixels = torch.rand(2, 3, FRAMES, 2 * LATENT, 2 * LATENT) * 2 - 1
+    batch = {
+        "pixel_values": pixels,
+        "conditioning_pixel_values": torch.rand(2, 3, FRAMES, 2 * LATENT, 2 * LATENT),
+        "caption": ["a", "b"],
+    }
+    torch.manual_seed(0)
+    x0, ctx, condition = encoders.encode(batch)
+    assert x0.shape == (2, 4, FRAMES, LATENT, LATENT)
+    assert ctx.encoder_hidden_states.shape[0] == 2 and condition.shape == (2, 3, FRAMES, 16, 16)
+    vae = latent_model.vae
+    torch.manual_seed(0)
+    frames = vae.encode(torch.transpose(pixels, 1, 2).reshape(-1, 3, 16, 16)).latent_dist.sample()
+    expected = frames.reshape(2, FRAMES, 4, LATENT, LATENT).transpose(1, 2)
+    torch.testing.assert_close(x0, expected * vae.config.scaling_factor)
+
+
+# ----------------------------------------------------------------------------- video folders
+
+
+def write_gif(path, frames):
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=125, loop=0)
+
+
+def write_mp4(path, frames, fps=24):
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_clip(count=6, size=(24, 32), seed=0):
+    """Smooth frames (a moving gradient): they survive GIF palettes and H.264."""
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    frames = []
+    for k in range(count):
+        level = (x * 6 + y * 3 + 20 * k + seed * 50) % 256
+        frames.append(np.stack([level, 255 - level, np.full_like(level, 80)], -1).astype(np.uint8))
+    return frames
+
+
+def make_video_folder(root, rows, files):
+    """``files``: relative path -> list of frames (a GIF, an MP4, or a frame folder ending /)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, frames in files.items():
+        target = root / name.rstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            target.mkdir(exist_ok=True)
+            for k, frame in enumerate(frames):
+                Image.fromarray(frame).save(target / f"{k:03d}.png")
+        elif name.endswith(".mp4"):
+            write_mp4(target, frames)
+        else:
+            write_gif(target, frames)
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_video_folder_reads_gifs_frame_folders_and_mp4(tmp_path):
+    from lisa_control.data.video_folder import VideoControlDataset
+
+    clip = make_clip()
+    rows = [
+        {"video": "clips/a.gif", "conditioning_video": "poses/a/", "text": "a walk", "fps": 8},
+        {"video": "clips/b.mp4", "conditioning_video": "poses/b.gif", "text": "b", "fps": 24},
+    ]
+    files = {"clips/a.gif": clip, "poses/a/": clip, "poses/b.gif": clip}
+    if __import__("importlib").util.find_spec("av"):
+        files["clips/b.mp4"] = clip
+    else:
+        rows = rows[:1]
+    root = make_video_folder(tmp_path / "data", [dict(r) for r in rows], files)
+    rows[0]["conditioning_video"] = "poses/a"
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = VideoControlDataset(root, resolution=16, num_frames=4, frame_stride=1)
+    item = data[(3, 0)]
+    assert item["pixel_values"].shape == (3, 4, 16, 16)
+    assert item["conditioning_pixel_values"].shape == (3, 4, 16, 16)
+    assert item["caption"] == "a walk" and item["index"] == 0
+    assert item["pixel_values"].min() >= -1 and item["conditioning_pixel_values"].max() <= 1
+    # Frame k of the clip is frame k of the item (a GIF and the frame folder hold the same).
+    torch.testing.assert_close(
+        item["pixel_values"] * 0.5 + 0.5, item["conditioning_pixel_values"], atol=0.02, rtol=0
+    )
+    assert (item["pixel_values"][:, 0] - item["pixel_values"][:, 1]).abs().max() > 0.05
+    strided = VideoControlDataset(root, resolution=16, num_frames=3, frame_stride=2)[0]
+    torch.testing.assert_close(strided["pixel_values"][:, 1], item["pixel_values"][:, 2])
+    if len(rows) == 2:
+        mp4 = data[1]["pixel_values"]
+        # H.264 is lossy: the frames match the GIF's up to compression.
+        assert (mp4 - data[0]["pixel_values"]).abs().mean() < 0.1
+        by_rate = VideoControlDataset(root, resolution=16, num_frames=3, frame_rate=12)
+        assert by_rate.frames(1)[2] == 2  # 24 fps at 12 fps: every second frame
+
+
+def one_line_error(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message, message
+    return message
+
+
+BAD_VIDEO_CASES = {
+    "unreadable": (
+        {"video": "a.gif", "conditioning_video": "bad.gif", "text": "x"},
+        r"cannot decode video .*bad\.gif",
+    ),
+    "frame_counts": (
+        {"video": "a.gif", "conditioning_video": "short.gif", "text": "x"},
+        r"the video has 6 frames but its condition has 3",
+    ),
+    "too_few_frames": (
+        {"video": "short.gif", "conditioning_video": "short.gif", "text": "x"},
+        r"has 3 frames, too few for 4 frames 1 apart",
+    ),
+    "fps_not_a_number": (
+        {"video": "a.gif", "conditioning_video": "a.gif", "text": "x", "fps": "fast"},
+        r"column 'fps' holds \"fast\" \(str\), not a number",
+    ),
+    "fps_negative": (
+        {"video": "a.gif", "conditioning_video": "a.gif", "text": "x", "fps": -5},
+        r"column 'fps' holds -5; a frame rate must be a positive number",
+    ),
+    "missing_file": (
+        {"video": "a.gif", "conditioning_video": "nope.gif", "text": "x"},
+        r"column 'conditioning_video' .*nope\.gif does not exist",
+    ),
+    "missing_column": (
+        {"video": "a.gif", "text": "x"},
+        r"has no column 'conditioning_video' for the condition videos",
+    ),
+    "not_a_video": (
+        {"video": "a.gif", "conditioning_video": "notes.txt", "text": "x"},
+        r"notes\.txt is not a video this reader knows",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VIDEO_CASES)
+def test_bad_video_input_is_one_clear_line(case, tmp_path):
+    from lisa_control.core.errors import DataError
+    from lisa_control.data.video_folder import VideoControlDataset
+
+    row, pattern = BAD_VIDEO_CASES[case]
+    root = make_video_folder(
+        tmp_path / "data", [row], {"a.gif": make_clip(6), "short.gif": make_clip(3)}
+    )
+    (root / "bad.gif").write_bytes(b"GIF89a" + bytes(40))
+    (root / "notes.txt").write_text("not a video")
+    with pytest.raises(DataError) as exc_info:
+        VideoControlDataset(root, resolution=16, num_frames=4)[0]
+    assert __import__("re").search(pattern, one_line_error(exc_info)), str(exc_info.value)
+
+
+def test_mp4_without_pyav_names_the_extra_and_a_wrong_fps_is_refused(tmp_path, monkeypatch):
+    from lisa_control.core.errors import DataError
+    from lisa_control.data import video_folder
+    from lisa_control.data.video_folder import VideoControlDataset
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.mp4").write_bytes(b"\0" * 64)
+    rows = [{"video": "a.mp4", "conditioning_video": "a.mp4", "text": "x"}]
+    root = make_video_folder(tmp_path / "data", rows, {})
+    monkeypatch.setattr(video_folder, "_pyav", lambda: None)
+    with pytest.raises(DataError) as exc_info:
+        VideoControlDataset(root, resolution=16, num_frames=2)[0]
+    assert "needs PyAV: pip install 'lisa-control[video]'" in one_line_error(exc_info)
+    monkeypatch.undo()
+
+    pytest.importorskip("av")
+    with pytest.raises(DataError) as exc_info:  # garbage bytes named .mp4
+        VideoControlDataset(root, resolution=16, num_frames=2)[0]
+    assert "cannot decode video" in one_line_error(exc_info)
+    rows = [{"video": "b.mp4", "conditioning_video": "b.gif", "text": "x", "fps": 30}]
+    root = make_video_folder(
+        tmp_path / "other", rows, {"b.mp4": make_clip(4), "b.gif": make_clip(4)}
+    )
+    with pytest.raises(DataError) as exc_info:
+        VideoControlDataset(root, resolution=16, num_frames=2)[0]
+    message = one_line_error(exc_info)
+    assert "says 30 fps but the video file records 24 fps" in message
+
+
+def test_hf_dataset_with_video_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from lisa_control.data.video_folder import VideoControlDataset
+
+    clip = make_clip(5)
+    write_gif(tmp_path / "a.gif", clip)
+    frames = [Image.fromarray(f) for f in clip]
+    table = datasets.Dataset.from_dict(
+        {
+            "video": [{"bytes": (tmp_path / "a.gif").read_bytes(), "path": None}],
+            "conditioning_video": [frames],  # a list of frame images
+            "text": ["from the hub"],
+        },
+        features=datasets.Features(
+            {
+                "video": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                "conditioning_video": datasets.Sequence(datasets.Image()),
+                "text": datasets.Value("string"),
+            }
+        ),
+    )
+    table.save_to_disk(str(tmp_path / "hf"))
+    item = VideoControlDataset(tmp_path / "hf", resolution=16, num_frames=5)[0]
+    assert item["pixel_values"].shape == (3, 5, 16, 16) and item["caption"] == "from the hub"
+    torch.testing.assert_close(
+        item["pixel_values"] * 0.5 + 0.5, item["conditioning_pixel_values"], atol=0.02, rtol=0
+    )

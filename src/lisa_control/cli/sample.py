@@ -153,7 +153,7 @@ def generate(args) -> Path:
     if names_videos(args.image, args.conditioning_video_column):
         from .sample_video import generate_videos
 
-        return generate_videos(args)
+        return generate_videos(args, prompts_for, DEFAULT_OUTPUT)
     conditions = read_conditions(
         args.image, args.conditioning_image_column, args.caption_column or None
     )

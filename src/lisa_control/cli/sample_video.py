@@ -30,8 +30,9 @@ def output_paths(output: str) -> tuple[Path, Path]:
     return path.with_suffix(".gif"), path
 
 
-def generate_videos(args) -> Path:
-    """``lisa sample`` with condition videos; returns the animated grid's path."""
+def generate_videos(args, prompts_for, default_output: str) -> Path:
+    """``lisa sample`` with condition videos; returns the animated grid's path. ``prompts_for``
+    and ``default_output`` are ``cli.sample``'s (passed in: that module imports this one)."""
     from ..eval.generate import SideNetworkSampler
     from ..eval.video import (
         condition_video_tensors,
@@ -41,7 +42,6 @@ def generate_videos(args) -> Path:
         write_animation,
     )
     from ..families.loading import load_main_model
-    from .sample import DEFAULT_OUTPUT, prompts_for
 
     num_frames = getattr(args, "num_frames", None)
     if num_frames is not None and num_frames < 1:
@@ -85,7 +85,7 @@ def generate_videos(args) -> Path:
     if out_dir is not None:
         written += write_animation(rows, out_dir / "grid.gif", out_dir / "grid_frames.png", fps)
     if args.output or out_dir is None:
-        written += write_animation(rows, *output_paths(args.output or DEFAULT_OUTPUT), fps)
+        written += write_animation(rows, *output_paths(args.output or default_output), fps)
     count = len(videos) * args.num_images
     where = f"{count} video(s) in {out_dir} and " if out_dir is not None else ""
     print(f"wrote {where}{', '.join(map(str, written))}")
