@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
@@ -24,6 +23,7 @@ from diffusers import (
     UNetMotionModel,
 )
 from factories import tiny_clip
+from PIL import Image
 
 from lisa_control.core.branch import Context
 from lisa_control.core.hooks import resolve_layer
