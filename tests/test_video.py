@@ -857,3 +857,79 @@ def test_hf_dataset_with_video_columns(tmp_path):
     torch.testing.assert_close(
         item["pixel_values"] * 0.5 + 0.5, item["conditioning_pixel_values"], atol=0.02, rtol=0
     )
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+
+def save_animatediff_folder(latent_model, folder, joined: bool):
+    """An AnimateDiff pipeline folder as AnimateDiffPipeline.save_pretrained writes it; with
+    ``joined=False``, unet/ holds the image UNet and motion_adapter/ the motion modules (the
+    layout of a base model plus an adapter)."""
+    from diffusers import AnimateDiffPipeline
+
+    from lisa_control.families.animatediff import image_unet_of, motion_adapter_for
+
+    unet = latent_model.main_network
+    pipe = AnimateDiffPipeline(
+        vae=latent_model.vae,
+        text_encoder=latent_model.text_encoder,
+        tokenizer=latent_model.tokenizer,
+        unet=unet,
+        motion_adapter=motion_adapter_for(unet),
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
+    )
+    pipe.save_pretrained(folder)
+    if not joined:
+        import shutil
+
+        shutil.rmtree(folder / "unet")
+        image_unet_of(unet).save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.mark.parametrize("joined", [True, False], ids=["unet_motion", "unet_and_adapter"])
+def test_an_animatediff_folder_loads_as_the_video_family(latent_model, tmp_path, joined):
+    from lisa_control.families.loading import load_main_model
+
+    folder = save_animatediff_folder(latent_model, tmp_path / "model", joined)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    assert config["_class_name"] == ("UNetMotionModel" if joined else "UNet2DConditionModel")
+    model = load_main_model(str(folder))
+    assert model.family.name == "animatediff" and isinstance(model.main_network, UNetMotionModel)
+    assert model.resolution == 2 * LATENT and model.vae is not None and model.has_text
+    x = torch.randn(1, 4, FRAMES, LATENT, LATENT)
+    states = torch.randn(FRAMES, TOKENS, CONTEXT_DIM)
+    with torch.no_grad():
+        expected = latent_model.main_network(x, 10, encoder_hidden_states=states).sample
+        got = model.main_network(x, 10, encoder_hidden_states=states).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lisa_train_on_an_animatediff_folder_with_a_video_folder(latent_model, tmp_path):
+    """Latent AnimateDiff + a metadata.jsonl of GIFs: VAE latents per frame, CLIP captions,
+    two steps of LISA, a stock side network out."""
+    from lisa_control.cli import main
+
+    model = save_animatediff_folder(latent_model, tmp_path / "model", joined=True)
+    rows = [
+        {"video": f"v{k}.gif", "conditioning_video": f"c{k}.gif", "text": f"clip {k}"}
+        for k in range(2)
+    ]
+    files = {}
+    for k in range(2):
+        files[f"v{k}.gif"] = make_clip(5, size=(16, 16), seed=k)
+        files[f"c{k}.gif"] = make_clip(5, size=(16, 16), seed=k + 2)
+    data = make_video_folder(tmp_path / "data", rows, files)
+    out = tmp_path / "out"
+    argv = [
+        "train", "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+        "--num_frames", "4", "--resolution", "16", "--train_batch_size", "2",
+        "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0",
+        "--output_dir", str(out), "--report_to", "none", "--no-progress", "--seed", "0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    records = losses(out)
+    assert [r["step"] for r in records] == [1, 2] and all(r["aux_loss"] > 0 for r in records)
+    side = ControlNetModel.from_pretrained(out / "controlnet")
+    assert side.config.conditioning_embedding_out_channels == [16, 32]  # 2x condition embedding
