@@ -933,3 +933,18 @@ def test_lisa_train_on_an_animatediff_folder_with_a_video_folder(latent_model, t
     assert [r["step"] for r in records] == [1, 2] and all(r["aux_loss"] > 0 for r in records)
     side = ControlNetModel.from_pretrained(out / "controlnet")
     assert side.config.conditioning_embedding_out_channels == [16, 32]  # 2x condition embedding
+
+
+def test_video_tasks_and_models_must_match_in_one_line(pixel_video_model, tmp_path):
+    from lisa_control.core.errors import ConfigError
+    from lisa_control.training.build import build_dataset, load_model
+    from lisa_control.training.config import TrainConfig
+
+    cfg = TrainConfig(task="pose_video", output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="needs --pretrained_model_name_or_path: no video main"):
+        load_model(cfg)
+    model = load_model(TrainConfig(pretrained_model_name_or_path=str(pixel_video_model)))
+    with pytest.raises(ConfigError, match="renders images but the main network .* denoises videos"):
+        build_dataset(TrainConfig(task="pose", output_dir=str(tmp_path)), model)
+    dataset, resolution = build_dataset(TrainConfig(num_frames=5), model)  # the folder's task
+    assert dataset.task.name == "pose_video" and dataset.task.frames == 5 and resolution == 32

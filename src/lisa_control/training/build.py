@@ -107,6 +107,15 @@ def build(cfg: TrainConfig, accelerator) -> Training:
 def load_model(cfg: TrainConfig):
     from ..families.loading import load_main_model
 
+    if cfg.pretrained_model_name_or_path is None and cfg.task:
+        from ..data.tasks import get_task
+
+        if getattr(get_task(cfg.task), "frames", None) is not None:
+            raise ConfigError(
+                f"--task {cfg.task} needs --pretrained_model_name_or_path: no video main network "
+                "is shipped yet. Pass an AnimateDiff folder, or a UNetMotionModel folder saved "
+                "with lisa_control.families.loading.save_pixel_model."
+            )
     return load_main_model(
         cfg.pretrained_model_name_or_path, cfg.task, cfg.revision, cfg.variant, cfg.allow_pickle
     )
