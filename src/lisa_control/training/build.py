@@ -108,9 +108,12 @@ def load_model(cfg: TrainConfig):
     from ..families.loading import load_main_model
 
     if cfg.pretrained_model_name_or_path is None and cfg.task:
-        from ..data.tasks import get_task
+        import inspect
 
-        if getattr(get_task(cfg.task), "frames", None) is not None:
+        from ..data.tasks.registry import task_class
+
+        cls = task_class(cfg.task)
+        if cls is not None and "frames" in inspect.signature(cls.__init__).parameters:
             raise ConfigError(
                 f"--task {cfg.task} needs --pretrained_model_name_or_path: no video main network "
                 "is shipped yet. Pass an AnimateDiff folder, or a UNetMotionModel folder saved "

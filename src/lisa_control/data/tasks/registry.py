@@ -23,6 +23,11 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+def task_class(name: str) -> type[ProceduralTask] | None:
+    """The class registered as ``name`` (None if there is none), without building the task."""
+    return _TASKS.get(name)
+
+
 def get_task(name: str, resolution: int = 32, **kwargs) -> ProceduralTask:
     """A new instance of the task called ``name`` at ``resolution`` pixels square; ``kwargs``
     are the task's own settings (``frames`` for video tasks)."""
