@@ -948,3 +948,29 @@ def test_video_tasks_and_models_must_match_in_one_line(pixel_video_model, tmp_pa
         build_dataset(TrainConfig(task="pose", output_dir=str(tmp_path)), model)
     dataset, resolution = build_dataset(TrainConfig(num_frames=5), model)  # the folder's task
     assert dataset.task.name == "pose_video" and dataset.task.frames == 5 and resolution == 32
+
+
+def test_the_branches_refuse_inputs_that_are_not_videos_in_one_line():
+    from lisa_control.core.errors import ModelError
+
+    branch = make_branch("controlnet")
+    x, condition, _, timesteps = video_batch()
+    ctx = text_context()
+    cases = [
+        ((x[:, :, 0], timesteps, ctx, condition[:, :, 0]), "denoises videos"),
+        ((x, timesteps, ctx, condition[:, :, :2]), "with the sample's 4 frames"),
+        ((x, timesteps, ctx, condition[:, :1]), "has 1 channels but the side network expects 3"),
+        (
+            (x.repeat(1, 1, 5, 1, 1), timesteps, ctx, condition.repeat(1, 1, 5, 1, 1)),
+            "take at most 16 frames, got 20",
+        ),
+    ]
+    for args, message in cases:
+        with pytest.raises(ModelError, match=message) as exc_info:
+            branch(*args)
+        assert "\n" not in str(exc_info.value)
+    with pytest.raises(ModelError, match="does not fit the main network: block_out_channels"):
+        AnimateDiffControlNetBranch(
+            motion_unet(), make_branch("controlnet", tiny_unet_motion(
+                sample_size=LATENT, in_channels=4, block_out_channels=(16, 16))).side_network
+        )  # fmt: skip

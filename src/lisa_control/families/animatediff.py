@@ -293,6 +293,12 @@ class _MotionBranch(DualBranch):
                 f"the condition must be a video (batch, channels, frames, height, width) with "
                 f"the sample's {x_t.shape[2]} frames; got shape {tuple(condition.shape)}."
             )
+        if condition.shape[1] != self.condition_channels:
+            raise ModelError(
+                f"the condition has {condition.shape[1]} channels but the side network expects "
+                f"{self.condition_channels}; convert the condition frames or build the side "
+                f"network with conditioning_channels={condition.shape[1]}."
+            )
 
     def _context(self, context: Context, x_t, dtype) -> torch.Tensor:
         states = context.encoder_hidden_states.to(dtype=dtype)
@@ -321,12 +327,6 @@ class _MotionBranch(DualBranch):
         self, x_t, timesteps, context: Context, condition, with_prior=False, conditioning_scale=1.0
     ) -> Prediction:
         self._check_video(x_t, condition)
-        if condition.shape[1] != self.condition_channels:
-            raise ModelError(
-                f"the condition has {condition.shape[1]} channels but the side network expects "
-                f"{self.condition_channels}; convert the condition frames or build the side "
-                f"network with conditioning_channels={condition.shape[1]}."
-            )
         down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
         output = self.main_call(x_t, timesteps, context, down, mid)
         prior = self.prior(x_t, timesteps, context) if with_prior else None
