@@ -113,12 +113,13 @@ class Validator:
             guidance_scale=cfg.validation_guidance_scale,
             seed=cfg.seed or 0,
         )
-        if cfg.validation_image and model.family.takes_video:
+        if model.family.takes_video and (cfg.validation_image or cfg.validation_feature_distance):
             from ..core.errors import ConfigError
 
+            flag = "--validation_image" if cfg.validation_image else "--validation_feature_distance"
             raise ConfigError(
-                "--validation_image takes still images; video models validate on a task's "
-                "held-out clips (--task pose_video), or pass --validation_steps 0."
+                f"{flag} is for image models; video models validate on a task's held-out clips "
+                "(--task pose_video) with its metrics, or pass --validation_steps 0."
             )
         if cfg.validation_image:
             from ..data.images import load_image, to_condition_tensor
