@@ -1,8 +1,9 @@
 """The control tasks of the embedded default, by name.
 
 Procedural tasks (``pose``, ``edges``, ``segmentation``, ``super_resolution``, and the video
-task ``pose_video``) render seeded samples on the fly and need no files; the tasks of :mod:`lisa_control.data.packaged` read images
-that OS packages install. Every task scores generated images with a deterministic metric.
+task ``pose_video``) render seeded samples on the fly and need no files; the tasks of
+:mod:`lisa_control.data.packaged` read images that OS packages install. Every task scores
+generated images with a deterministic metric.
 """
 
 from __future__ import annotations
