@@ -21,9 +21,10 @@ DEFAULTS = {
     "dataset_config_name": None, "train_data_dir": None, "image_column": "image",
     "conditioning_image_column": "conditioning_image", "caption_column": "text",
     "max_train_samples": None, "task_train_size": 100000, "proportion_empty_prompts": 0.0,
-    "resolution": None, "cache_latents": False, "dataloader_num_workers": 0,
-    "output_dir": "lisa-controlnet", "overwrite_output_dir": False, "seed": 0,
-    "train_batch_size": 4,
+    "resolution": None, "num_frames": None, "video_column": "video",
+    "conditioning_video_column": "conditioning_video", "cache_latents": False,
+    "dataloader_num_workers": 0, "output_dir": "lisa-controlnet", "overwrite_output_dir": False,
+    "seed": 0, "train_batch_size": 4,
     "gradient_accumulation_steps": 1, "num_train_epochs": 1, "max_train_steps": None,
     "learning_rate": 5e-06, "scale_lr": False, "lr_scheduler": "constant", "lr_warmup_steps": 0,
     "lr_num_cycles": 1, "lr_power": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
@@ -49,7 +50,8 @@ DEFAULTS = {
 # regularizer took a list: the regularizer as one "+"-joined string.
 OLD_FINGERPRINT = {
     "pretrained_model_name_or_path": "M", "task": None, "dataset_name": None,
-    "train_data_dir": "D", "resolution": 16, "seed": 0, "train_batch_size": 2,
+    "train_data_dir": "D", "resolution": 16, "num_frames": None, "seed": 0,
+    "train_batch_size": 2,
     "gradient_accumulation_steps": 1, "side_network": "controlnet",
     "regularizer": "lisa+layersync", "lisa_weight": 0.2, "lisa_layer": None,
     "lisa_distance": "mse", "lisa_target": "residual", "lisa_final_weight": None,

@@ -9,7 +9,9 @@ Conditions are image files, folders (every image in them, sorted) or ``metadata.
 comes from its own generator seeded by (seed, index), so ``--batch_size`` does not change the
 images (beyond the float rounding of batched kernels). ``--output_dir`` gets one PNG per sample,
 named after its condition file, and ``grid.png``; ``--output`` writes the grid alone (condition
-| samples, one row per condition).
+| samples, one row per condition). Condition videos (video files, animated GIFs, or a
+metadata.jsonl with a condition-video column) go to video models and come back as animated GIFs
+and frame sheets (``cli/sample_video.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="metadata.jsonl column of the prompts (as in `lisa train`)",
     )
+    p.add_argument(
+        "--conditioning_video_column",
+        default="conditioning_video",
+        help="metadata.jsonl column of condition videos, for video models (see sample_video.py)",
+    )
+    p.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="video models: frames taken from each condition video (default all)",
+    )
+    p.add_argument("--fps", type=float, default=8, help="video models: frame rate of the GIFs")
     p.add_argument(
         "--prompt",
         nargs="+",
@@ -135,6 +149,12 @@ def generate(args) -> Path:
     from ..families.loading import load_main_model
 
     check_args(args)
+    from ..eval.video import names_videos
+
+    if names_videos(args.image, args.conditioning_video_column):
+        from .sample_video import generate_videos
+
+        return generate_videos(args, prompts_for, DEFAULT_OUTPUT)
     conditions = read_conditions(
         args.image, args.conditioning_image_column, args.caption_column or None
     )

@@ -135,8 +135,9 @@ class SideNetworkSampler:
         progress: bool = False,
     ) -> torch.Tensor:
         """Images (N, 3, R, R) in [-1, 1] on the CPU, one per condition (N, C, R, R) in [0, 1]
-        and prompt; condition i's noise is draw ``draw`` of generator (seed, ``indices[i]``)
-        (``indices`` default 0..N-1). ``batch_size`` conditions are sampled together."""
+        and prompt (videos (N, 3, F, R, R) for video conditions (N, C, F, R, R)); condition i's
+        noise is draw ``draw`` of generator (seed, ``indices[i]``) (``indices`` default
+        0..N-1). ``batch_size`` conditions are sampled together."""
         n = conditions.shape[0]
         indices = list(range(n)) if indices is None else list(indices)
         if len(prompts) != n or len(indices) != n:
@@ -148,6 +149,8 @@ class SideNetworkSampler:
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {batch_size}.")
         shape = self.noise_shape(conditions.shape[-1])
+        # Video conditions (N, C, F, R, R): noise (C, F, r, r) per condition.
+        shape = (shape[0], *conditions.shape[2:-2], *shape[1:])
         starts = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -171,7 +174,8 @@ class SideNetworkSampler:
                 latents=noise.to(self.device),
                 output_type="np",
             ).images
-            return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1
+            # (N, H, W, 3) images or (N, F, H, W, 3) videos, channels to dimension 1.
+            return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, 1) * 2 - 1
         from .sampling import decode, init_noise_sigma, sample
         from .validation import inference_schedule
 

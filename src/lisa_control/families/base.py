@@ -34,6 +34,8 @@ class Family:
         packed_channels: the main network takes ``packed_channels`` times the sample's channels
             (Flux packs 2x2 patches into tokens).
         pretrain_architecture: the ``lisa pretrain --architecture`` that builds this family.
+        takes_video: the main network denoises videos (B, C, F, H, W): the trainer reads video
+            folders for it, and sampling writes animations.
     """
 
     name: ClassVar[str]
@@ -46,6 +48,7 @@ class Family:
     packed_channels: ClassVar[int] = 1
     pretrain_architecture: ClassVar[str | None] = None
     default_objective: ClassVar[str] = "epsilon"
+    takes_video: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -79,6 +82,11 @@ class Family:
         """Prompt contexts through a diffusers pipeline's own ``encode_prompt``, for families
         whose context is more than one text encoder's hidden states."""
         raise NotImplementedError
+
+    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of ``pixels`` in [-1, 1] through ``vae``, before its shift and scale (images
+        (B, 3, H, W) in one call; video families encode their frames)."""
+        return vae.encode(pixels).latent_dist.sample()
 
     # ------------------------------------------------------------------ objective
 

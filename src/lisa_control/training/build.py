@@ -113,6 +113,18 @@ def build(cfg: TrainConfig, accelerator) -> Training:
 def load_model(cfg: TrainConfig):
     from ..families.loading import load_main_model
 
+    if cfg.pretrained_model_name_or_path is None and cfg.task:
+        import inspect
+
+        from ..data.tasks.registry import task_class
+
+        cls = task_class(cfg.task)
+        if cls is not None and "frames" in inspect.signature(cls.__init__).parameters:
+            raise ConfigError(
+                f"--task {cfg.task} needs --pretrained_model_name_or_path: no video main network "
+                "is shipped yet. Pass an AnimateDiff folder, or a UNetMotionModel folder saved "
+                "with lisa_control.families.loading.save_pixel_model."
+            )
     return load_main_model(
         cfg.pretrained_model_name_or_path, cfg.task, cfg.revision, cfg.variant, cfg.allow_pickle
     )
@@ -125,10 +137,14 @@ def build_dataset(cfg: TrainConfig, model):
     if task:
         from ..data.tasks import TaskDataset, get_task
 
-        task = get_task(task, resolution=resolution)
+        settings = {} if cfg.num_frames is None else {"frames": cfg.num_frames}
+        task = get_task(task, resolution=resolution, **settings)
+        check_task_fits_model(task, model)
         return TaskDataset(task, size=cfg.task_train_size, seed=cfg.seed or 0), resolution
     if not (cfg.train_data_dir or cfg.dataset_name):
         raise ConfigError("no training data: pass --train_data_dir, --dataset_name or --task.")
+    if model.family.takes_video:
+        return build_video_dataset(cfg, model, resolution), resolution
     from ..data.folder import ControlDataset
 
     dataset = ControlDataset(
@@ -144,6 +160,38 @@ def build_dataset(cfg: TrainConfig, model):
         resolution_multiple=8 * model.vae_scale_factor // (8 if model.vae is None else 1),
     )
     return dataset, resolution
+
+
+def check_task_fits_model(task, model) -> None:
+    """Refuse a video task (one with ``frames``) for an image model and the reverse."""
+    video_task = getattr(task, "frames", None) is not None
+    if video_task != model.family.takes_video:
+        wants = "videos" if model.family.takes_video else "images"
+        raise ConfigError(
+            f"task {task.name!r} renders {'videos' if video_task else 'images'} but the main "
+            f"network ({model.family.name}) denoises {wants}; pick a task of its kind "
+            f"({'pose_video' if model.family.takes_video else 'pose, edges, ...'}) or another "
+            "model."
+        )
+
+
+def build_video_dataset(cfg: TrainConfig, model, resolution: int):
+    """Clips from a folder or hub dataset naming videos and condition videos."""
+    from ..data.video_folder import VideoControlDataset
+
+    return VideoControlDataset(
+        cfg.train_data_dir or cfg.dataset_name,
+        resolution=resolution,
+        num_frames=cfg.num_frames or 8,
+        video_column=cfg.video_column,
+        conditioning_video_column=cfg.conditioning_video_column,
+        caption_column=cfg.caption_column,
+        proportion_empty_prompts=cfg.proportion_empty_prompts,
+        seed=cfg.seed or 0,
+        max_samples=cfg.max_train_samples,
+        dataset_config_name=cfg.dataset_config_name,
+        resolution_multiple=8 * model.vae_scale_factor // (8 if model.vae is None else 1),
+    )
 
 
 def data_shapes(model, dataset, resolution: int) -> tuple[int, int]:

@@ -74,8 +74,8 @@ class TrainConfig:
     # data
     task: str | None = flag(
         None,
-        "an embedded procedural task (pose, edges, segmentation, super_resolution, ...) instead "
-        "of a dataset",
+        "an embedded procedural task (pose, edges, segmentation, super_resolution, pose_video "
+        "for video models, ...) instead of a dataset",
         fingerprint=True,
     )
     dataset_name: str | None = flag(None, fingerprint=True)
@@ -88,6 +88,16 @@ class TrainConfig:
     task_train_size: int = flag(100_000)
     proportion_empty_prompts: float = flag(0.0)
     resolution: int | None = flag(None, fingerprint=True)
+    num_frames: int | None = flag(
+        None,
+        "frames per training clip of video models (AnimateDiff): default the task's (pose_video: "
+        "8), or 8 from a video folder",
+        fingerprint=True,
+    )
+    video_column: str = flag("video", "metadata column of the training videos (video models)")
+    conditioning_video_column: str = flag(
+        "conditioning_video", "metadata column of the condition videos (video models)"
+    )
     cache_latents: bool = flag(
         False, "encode each item's image and each caption text once and keep them in memory"
     )
@@ -165,8 +175,8 @@ class TrainConfig:
     resume_from_checkpoint: str | None = flag(None)
     side_network: str = flag(
         "controlnet",
-        "controlnet (default; UNet, SD3 and Flux main networks) or t2i_adapter (UNet main "
-        "networks)",
+        "controlnet (default; UNet, SD3, Flux and AnimateDiff main networks), t2i_adapter (UNet "
+        "main networks) or sparse_controlnet (SparseCtrl, AnimateDiff main networks)",
         choices=lambda: tuple(side_network_kinds()),
         fingerprint=True,
     )

@@ -177,8 +177,9 @@ class TaskDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         _, i = split_key(key)
         s = self.sample(i)
-        image = torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
-        condition = torch.from_numpy(s.condition.astype(np.float32)).permute(2, 0, 1) / 255
+        # Channels first: (H, W, C) -> (C, H, W); video tasks' (F, H, W, C) -> (C, F, H, W).
+        image = torch.from_numpy(s.image.astype(np.float32)).movedim(-1, 0) / 127.5 - 1
+        condition = torch.from_numpy(s.condition.astype(np.float32)).movedim(-1, 0) / 255
         return {
             "pixel_values": image.contiguous(),
             "conditioning_pixel_values": condition.contiguous(),
