@@ -58,20 +58,6 @@ class ControlTrainingStep(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    def parameter_groups(self, lr_scale: float = 1.0) -> list[dict]:
-        """Optimizer parameter groups: one at the optimizer's learning rate, plus one per
-        regularizer that sets its own ``learning_rate`` (times ``lr_scale``, the trainer's
-        ``--scale_lr`` factor). Without such a regularizer it is a single group, so checkpoints
-        written before per-regularizer rates existed still resume."""
-        own = [r for r in self.regularizers if r.learning_rate is not None]
-        apart = {id(p) for r in own for p in r.parameters()}
-        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in apart]}]
-        for reg in own:
-            params = [p for p in reg.parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": reg.learning_rate * lr_scale})
-        return groups
-
     def forward(
         self,
         x0: torch.Tensor,

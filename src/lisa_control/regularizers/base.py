@@ -3,8 +3,8 @@ that reads one training step's tensors and returns a loss to add to the objectiv
 
 The trainer knows nothing else about a regularizer: it asks ``needs_prior`` and
 ``prior_rows(noised)`` (the batch rows it needs the prior for) before the forward pass, sums
-``loss(state)`` into the objective, hands ``parameters()`` to the optimizer (in a
-group of their own at ``learning_rate`` when that is set) and checks that it did with
+``loss(state)`` into the objective, hands ``parameters()`` to the optimizer (in a group of
+their own when the run sets a rate for them by name) and checks that it did with
 ``check_optimizer``.
 """
 
@@ -42,9 +42,6 @@ class RegularizerOutput:
 class Regularizer(nn.Module):
     name: str = "regularizer"
     needs_prior: bool = False
-    # A head trained from zero (LISA's decoder) may need to move faster than a side network
-    # fine-tuned at lr 1e-5; None trains it at the side network's learning rate, as the papers do.
-    learning_rate: float | None = None
 
     def prior_rows(
         self, noised: NoisedBatch, generator: torch.Generator | None = None

@@ -100,9 +100,6 @@ class LikelihoodScoreAlignment(Regularizer):
             sized from a UNet ControlNet's config.
         optimizer_check_after: raise if the decoder holds gradients but was not updated for this
             many consecutive steps (the optimizer was not given its parameters).
-        learning_rate: train the decoder at this rate, in an optimizer group of its own
-            (``ControlTrainingStep.parameter_groups``); by default at the side network's, as
-            in the paper.
         batch_fraction: f in (0, 1]: compute the prior, the decoder and the loss on ceil(f B)
             rows of each batch (see the module docstring); 1, the default, uses every row.
         subset: which rows: ``first`` (default), ``random`` or ``timestep`` (the rows in
@@ -128,7 +125,6 @@ class LikelihoodScoreAlignment(Regularizer):
         feature_size: int | None = None,
         decoder: nn.Module | None = None,
         optimizer_check_after: int = 64,
-        learning_rate: float | None = None,
         batch_fraction: float = 1.0,
         subset: str = "first",
     ):
@@ -164,7 +160,6 @@ class LikelihoodScoreAlignment(Regularizer):
         self.target = target
         self.distance = distance
         self.timestep_range = timestep_range
-        self.learning_rate = learning_rate
         self.batch_fraction = float(batch_fraction)
         self.subset = subset
         self.decoder = (
