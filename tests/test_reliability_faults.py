@@ -22,7 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lisa_control.core.errors import LisaError
-from lisa_control.training.config import _FIELDS, _flag_type, make_config, parse_args
+from lisa_control.training.config import (
+    _FIELDS,
+    _flag_type,
+    field_choices,
+    make_config,
+    parse_args,
+)
 
 # ----------------------------------------------------------------------------- config files
 
@@ -54,7 +60,7 @@ def _plausible(key: str):
         "bool": st.booleans(),
         "list_str": st.lists(st.text(max_size=8), min_size=1, max_size=2),
         "list_float": st.lists(st.floats(0, 1000), min_size=2, max_size=2),
-    }.get(kind, st.one_of(st.text(max_size=12), st.sampled_from(_FIELDS[key].metadata["choices"]
+    }.get(kind, st.one_of(st.text(max_size=12), st.sampled_from(field_choices(_FIELDS[key])
                                                                    or ("x",))))  # fmt: skip
     return st.integers(0, 4).flatmap(lambda k: VALUES if k == 0 else own)
 

@@ -218,12 +218,39 @@ def _settings(args) -> dict:
 
 
 def edit(args) -> Path:
-    from ..editing import METHODS, check_settings
-    from ..editing.corruptions import check_corruption, corrupt
-    from ..editing.models import load_edit_model
-    from ..eval.images import image_grid, to_uint8
+    """Check the settings and inputs, load the model, restore every input, write the outputs."""
+    settings = _check_args(args)
+    files = list_images(args.input)
+    if args.prompt and len(args.prompt) not in (1, len(files)):
+        raise ConfigError(f"give one --prompt, or one per input ({len(files)}).")
+    out = Path(args.output_dir).expanduser()
+    sheet_path = Path(args.sheet).expanduser() if args.sheet else out / "sheet.png"
+    _check_outputs(files, out, sheet_path)
+    model, branch = _load_models(args)
+    images = load_inputs(files, model, args.resolution)
+    clean = None
+    if args.corruption is not None:
+        from ..editing.corruptions import corrupt
 
-    settings = _settings(args)
+        clean = images
+        images = [
+            corrupt(x[None], args.corruption, args.severity, seed=args.seed + i)[0]
+            for i, x in enumerate(images)
+        ]
+    conditions = None
+    if branch is not None:
+        channels = 3 if model.condition_in_latent_space else branch.condition_channels
+        conditions = load_conditions(args.condition, files, images, channels)
+    outputs = _restore(args, settings, model, branch, images, conditions)
+    _write(files, out, sheet_path, outputs, images, clean, conditions)
+    return out
+
+
+def _check_args(args) -> dict:
+    """The method's keyword settings, after every flag was checked."""
+    from ..editing import check_settings
+    from ..editing.corruptions import check_corruption
+
     check_settings(
         t0=args.t0,
         eta=args.eta,
@@ -242,12 +269,12 @@ def edit(args) -> Path:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}.")
     if (args.controlnet is None) != (args.condition is None):
         raise ConfigError("--controlnet and --condition go together: pass both or neither.")
-    files = list_images(args.input)
-    if args.prompt and len(args.prompt) not in (1, len(files)):
-        raise ConfigError(f"give one --prompt, or one per input ({len(files)}).")
-    out = Path(args.output_dir).expanduser()
-    sheet_path = Path(args.sheet).expanduser() if args.sheet else out / "sheet.png"
-    _check_outputs(files, out, sheet_path)
+    return _settings(args)
+
+
+def _load_models(args):
+    """(the main model on the device, the branch with the side network or None)."""
+    from ..editing.models import load_edit_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_edit_model(
@@ -259,32 +286,23 @@ def edit(args) -> Path:
     if not model.is_pixel_space and args.latent_bound is None and args.method == "code":
         print("latent model: confidence clipping and x0 thresholding are off (latents have no "
               "fixed range); pass --latent_bound B to turn them on.")  # fmt: skip
-    branch = None
-    if args.controlnet is not None:
-        from ..families import branch_class
-        from ..families.loading import load_side_network
+    if args.controlnet is None:
+        return model, None
+    from ..families import branch_class
+    from ..families.loading import load_side_network
 
-        cls = branch_class(model.family, args.side_network)
-        side = load_side_network(args.controlnet, args.allow_pickle, cls.side_network_class)
-        branch = cls(model.main_network, side).to(device).eval()
+    cls = branch_class(model.family, args.side_network)
+    side = load_side_network(args.controlnet, args.allow_pickle, cls.side_network_class)
+    return model, cls(model.main_network, side).to(device).eval()
 
-    images = load_inputs(files, model, args.resolution)
-    clean = None
-    if args.corruption is not None:
-        clean = images
-        images = [
-            corrupt(x[None], args.corruption, args.severity, seed=args.seed + i)[0]
-            for i, x in enumerate(images)
-        ]
-    conditions = None
-    if branch is not None:
-        channels = 3 if model.condition_in_latent_space else branch.condition_channels
-        conditions = load_conditions(args.condition, files, images, channels)
+
+def _restore(args, settings, model, branch, images, conditions) -> list[torch.Tensor]:
+    """The method's output per input, in input order, batched among equally sized images."""
+    from ..editing import METHODS
 
     method = METHODS[args.method]
     generator = torch.Generator("cpu").manual_seed(args.seed)
     outputs: list[torch.Tensor | None] = [None] * len(images)
-    # Batches of equally sized images, in input order.
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, x in enumerate(images):
         by_size.setdefault(tuple(x.shape[-2:]), []).append(i)
@@ -306,8 +324,15 @@ def edit(args) -> Path:
                               **extra)  # fmt: skip
             for i, y in zip(chunk, restored.cpu()):
                 outputs[i] = y
+    return outputs
 
+
+def _write(files, out, sheet_path, outputs, images, clean, conditions) -> None:
+    """One output per input under its name (the corrupted inputs under corrupted/) and the
+    before/after sheet."""
     from PIL import Image
+
+    from ..eval.images import image_grid, to_uint8
 
     out.mkdir(parents=True, exist_ok=True)
     if clean is not None:
@@ -336,7 +361,6 @@ def edit(args) -> Path:
     sheet_path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(sheet_rows).save(sheet_path)
     print(f"wrote {len(files)} images to {out} and the sheet {sheet_path}")
-    return out
 
 
 def _save(pixels: np.ndarray, path: Path) -> None:

@@ -24,8 +24,9 @@ from .registry import (
 from .sd3 import SD3ControlNetBranch, SD3Family
 from .t2i_adapter import T2IAdapterBranch
 from .unet import UNetControlNetBranch, UNetFamily
+from .unet2d import UNet2DFamily
 
-for _family in (UNetFamily(), SD3Family(), FluxFamily(), AnimateDiffFamily()):
+for _family in (UNetFamily(), SD3Family(), FluxFamily(), UNet2DFamily(), AnimateDiffFamily()):
     register_family(_family)
 
 __all__ = [

@@ -118,6 +118,11 @@ class Family:
             return 1.0, None
         return (7.5 if guidance_scale is None else guidance_scale), None
 
+    def resolution_multiple(self, model: MainModel) -> int:
+        """Image sizes must be multiples of this: the main network halves its input three
+        times, after the VAE's own down-sampling."""
+        return 8 * model.vae_scale_factor
+
     def stock_pipeline(self, model: MainModel, side_network: nn.Module, scheduler):
         """diffusers' own pipeline for this model and side network, or ``None`` where the
         project's sampler is the reference."""
@@ -177,9 +182,8 @@ class MainModel:
 
     @property
     def resolution_multiple(self) -> int:
-        """Image sizes must be multiples of this: the main network halves its input three
-        times, after the VAE's own down-sampling."""
-        return 8 * self.vae_scale_factor
+        """Image sizes must be multiples of this (the family's rule)."""
+        return self.family.resolution_multiple(self)
 
     def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         """Refuse a size this model cannot take, naming the multiple it needs."""
@@ -187,8 +191,9 @@ class MainModel:
             raise ConfigError(f"{flag} must be a positive integer, got {resolution!r}.")
         if resolution % self.resolution_multiple:
             raise ConfigError(
-                f"{flag} {resolution} is not divisible by {self.resolution_multiple}, the "
-                f"model's down-sampling factor; give a positive multiple of it."
+                f"{flag} {resolution} does not fit this model: give a positive multiple of "
+                f"{self.resolution_multiple} (the model's down-sampling factor; {resolution} is "
+                "not divisible by it)."
             )
 
     def null_context(self, batch: int, device=None, dtype=torch.float32) -> Context:

@@ -403,6 +403,27 @@ class FluxFamily(Family):
     def null_context(self, network, batch: int, device=None, dtype=torch.float32) -> Context:
         return null_text_context(network.config, batch, device, dtype)
 
+    def predict(self, network, x_t, timesteps, context: Context) -> torch.Tensor:
+        """The velocity of an image-shaped latent (B, C, H, W): packed into 2x2 tokens with
+        FluxPipeline's position ids, timesteps as s = t / 1000, the distilled guidance
+        (``context.extra["guidance"]``, default 3.5) where the transformer embeds it."""
+        height, width = x_t.shape[-2:]
+        device, dtype = x_t.device, network.dtype
+        ctx = context.to(dtype=dtype)
+        tokens = ctx.encoder_hidden_states
+        kwargs = dict(
+            encoder_hidden_states=tokens,
+            pooled_projections=ctx.extra["pooled_projections"],
+            timestep=(timesteps.float() / 1000).to(dtype),
+            txt_ids=ctx.extra.get("txt_ids", text_ids(tokens.shape[1], device, dtype)),
+            img_ids=latent_image_ids(height, width, device, dtype),
+        )
+        if network.config.get("guidance_embeds", False):
+            guidance = float(ctx.extra.get("guidance", 3.5))
+            kwargs["guidance"] = torch.full((x_t.shape[0],), guidance, device=device).to(dtype)
+        out = network(hidden_states=pack_latents(x_t).to(dtype), return_dict=False, **kwargs)[0]
+        return unpack_latents(out, height, width)
+
     def training_objective(
         self, model: MainModel, name: str, timestep_sampler=None, weighting=None
     ):
