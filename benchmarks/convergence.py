@@ -10,7 +10,13 @@ summary reports, per task and variant:
   it (per seed; "final" = mean of plain's last three evaluations; a curve "reaches" a level when
   the running mean of three evaluations first gets there),
 * fidelity of every variant at fixed step budgets,
-* wall-clock per step, and the LISA aux-loss ratio over training.
+* wall-clock per step (each run's median ``step_seconds``) and, from it, the time to plain's
+  final level in seconds next to the steps (``plain_seconds`` / ``variant_seconds``, steps to
+  the level times the run's seconds per step; ``speedup_seconds`` is their ratio, the
+  wall-clock speed-up; ``speedup_interpolated_seconds`` the same for the interpolated
+  measure). Runs that share a GPU slow each other down, so these compare runs launched
+  together under the same load,
+* the LISA aux-loss ratio over training.
 
 Example (the command behind BENCHMARKS.md's numbers is recorded in each result file):
 
@@ -44,7 +50,7 @@ VARIANTS = {
     "lisa_t_high": {"regularizer": "lisa", "lisa_timestep_range": "500 1000"},
     "lisa_x0": {"regularizer": "lisa", "lisa_target": "x0"},
     "lisa_score": {"regularizer": "lisa", "lisa_target": "score"},
-    # "large early, decaying" (issue 5): 5 -> 0.2 and 1 -> 0.2 over the first 500 steps
+    # "large early, decaying": 5 -> 0.2 and 1 -> 0.2 over the first 500 steps
     "lisa_w5_decay": {
         "regularizer": "lisa",
         "lisa_weight": 5.0,
@@ -66,10 +72,28 @@ VARIANTS = {
     # the decoder trained faster than a side network at lr 1e-5 (BENCHMARKS.md 1d)
     "lisa_dec_lr1e-4": {"regularizer": "lisa", "lisa_decoder_learning_rate": 1e-4},
     "lisa_dec_lr1e-3": {"regularizer": "lisa", "lisa_decoder_learning_rate": 1e-3},
+    # the prior, the decoder and the aux loss on part of each batch (the first ceil(f B) rows)
+    "lisa_f0.5": {"regularizer": "lisa", "lisa_batch_fraction": 0.5},
+    "lisa_f0.25": {"regularizer": "lisa", "lisa_batch_fraction": 0.25},
+    # lisa_t_high's loss, with the prior computed only for the rows with t in [500, 1000)
+    "lisa_t500_f": {
+        "regularizer": "lisa",
+        "lisa_timestep_range": "500 1000",
+        "lisa_subset": "timestep",
+    },
 }
 # Every zero projection of the tiny UNets' ControlNets (down_0 .. down_8; mid is above).
 VARIANTS.update(
     {f"lisa_down_{k}": {"regularizer": "lisa", "lisa_layer": f"down_{k}"} for k in range(9)}
+)
+# Noise-level weightings of the diffusion loss, alone and under LISA.
+VARIANTS.update(
+    {
+        "x0": {"regularizer": "none", "loss_weighting": "x0"},
+        "min_snr": {"regularizer": "none", "loss_weighting": "min_snr"},
+        "x0_lisa": {"regularizer": "lisa", "loss_weighting": "x0"},
+        "min_snr_lisa": {"regularizer": "lisa", "loss_weighting": "min_snr"},
+    }
 )
 
 
@@ -132,7 +156,7 @@ def run_flags(args, task, variant, seed) -> list[str]:
     argv = []
     for key, value in flags.items():
         argv += [f"--{key}", *str(value).split()]
-    return argv + ["--no-progress"]
+    return argv + ["--no-progress", "--overwrite_output_dir"]
 
 
 def launch_all(args) -> None:
@@ -238,7 +262,12 @@ def compare_to_plain(ref: dict, run: dict) -> dict | None:
     last common step the ratio is 1 by construction, so ``speedup_interpolated`` also reports
     the ratio of the first (linearly interpolated) steps at which each curve reaches plain's
     value at the last common step, and ``mean_gain`` the mean metric difference (variant -
-    plain) at the common evaluation steps."""
+    plain) at the common evaluation steps.
+
+    Seconds next to steps: ``plain_seconds`` / ``variant_seconds`` are the steps to plain's
+    final level times each run's ``seconds_per_step`` (None where a run logged no step time),
+    ``speedup_seconds`` their ratio, and ``speedup_interpolated_seconds`` the interpolated
+    speed-up in wall-clock time."""
     steps = sorted(set(dict(ref["curve"])) & set(dict(run["curve"])))
     if len(steps) < 3:
         return None
@@ -249,14 +278,29 @@ def compare_to_plain(ref: dict, run: dict) -> dict | None:
     s_plain, s_var = reach_step(ref_curve, final), reach_step(var_curve, final)
     last = ref_curve[-1][1]
     i_plain, i_var = interpolated_reach(ref_curve, last), interpolated_reach(var_curve, last)
+    plain_rate, var_rate = ref.get("seconds_per_step"), run.get("seconds_per_step")
+
+    def seconds(steps, rate):
+        return None if steps is None or rate is None else steps * rate
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    t_plain, t_var = seconds(s_plain, plain_rate), seconds(s_var, var_rate)
     return {
         "seed": run["seed"],
         "steps_compared": steps[-1],
         "plain_final": final,
         "plain_steps": s_plain,
         "variant_steps": s_var,
+        "plain_seconds": t_plain,
+        "variant_seconds": t_var,
         "speedup": (s_plain / s_var) if s_var else None,
+        "speedup_seconds": ratio(t_plain, t_var),
         "speedup_interpolated": (i_plain / i_var) if i_var else None,
+        "speedup_interpolated_seconds": ratio(
+            seconds(i_plain, plain_rate), seconds(i_var, var_rate)
+        ),
         "mean_gain": statistics.fmean(run_d[s] - ref_d[s] for s in steps),
     }
 
@@ -282,6 +326,8 @@ def analyse(task: str, metric: str, per_variant: dict, budgets: list[int]) -> di
             "per_seed": ratios,
             **_spread([x["speedup"] for x in ratios]),
             "interpolated": _spread([x["speedup_interpolated"] for x in ratios]),
+            "wall_clock": _spread([x["speedup_seconds"] for x in ratios]),
+            "wall_clock_interpolated": _spread([x["speedup_interpolated_seconds"] for x in ratios]),
             "mean_gain": _spread([x["mean_gain"] for x in ratios]),
         }
 
@@ -380,6 +426,13 @@ def main(argv=None):
             i, g = s["interpolated"], s["mean_gain"]
             if i["mean"] is not None:
                 print(f"{task:18s} {variant:12s} interpolated speed-up {i['mean']:.2f}")
+            for key, label in (("wall_clock", ""), ("wall_clock_interpolated", "interpolated ")):
+                w = s[key]
+                if w["mean"] is not None:
+                    print(
+                        f"{task:18s} {variant:12s} {label}wall-clock speed-up {w['mean']:.2f} "
+                        f"(not reached: {w['not_reached']})"
+                    )
             if g["mean"] is not None:
                 print(f"{task:18s} {variant:12s} mean {info['metric']} gain {g['mean']:+.4f}")
         for variant, budgets in info["at_budget"].items():

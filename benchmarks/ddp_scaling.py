@@ -80,6 +80,7 @@ def launch(args, model: Path, processes: int) -> list[dict]:
     cmd += ["--max_train_steps", str(args.steps), "--validation_steps", str(10 * args.steps)]
     cmd += ["--checkpointing_steps", str(10 * args.steps), "--report_to", "none"]
     cmd += ["--dataloader_num_workers", "0" if args.cpu else "4", "--no-progress"]
+    cmd += ["--overwrite_output_dir"]
     cmd += ["--output_dir", str(out)] + (["--device", "cpu"] if args.cpu else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -11,8 +11,8 @@ Runs alternate between trees and repeat ``--repeats`` times, so drift of the mac
 
 GPU run (a few minutes):
 
-    python benchmarks/loop_overhead.py --trees before=.old/src after=src \
-        --variants plain lisa --steps 600 --warmup 100 --batch-size 64 --repeats 3 \
+    python benchmarks/loop_overhead.py --trees before=.old/src:plain,lisa after=src \
+        --variants plain lisa lisa_f0.25 --steps 600 --warmup 100 --batch-size 64 --repeats 3 \
         --out benchmarks/results/loop_overhead.json
 
 CPU smoke run: ``--steps 6 --warmup 2 --batch-size 2 --repeats 1``.
@@ -33,7 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import write_result  # noqa: E402
 
-VARIANTS = {"plain": ["--regularizer", "none"], "lisa": ["--regularizer", "lisa"]}
+VARIANTS = {
+    "plain": ["--regularizer", "none"],
+    "lisa": ["--regularizer", "lisa"],
+    "lisa_f0.25": ["--regularizer", "lisa", "--lisa_batch_fraction", "0.25"],
+}
 
 
 def run_once(tree: Path, variant: str, args, out: Path) -> dict:
@@ -44,7 +48,9 @@ def run_once(tree: Path, variant: str, args, out: Path) -> dict:
         str(10 * args.steps), "--report_to", "none", "--no-progress", "--seed", "0",
         "--output_dir", str(out), *VARIANTS[variant], *args.extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    # The tree first, then whatever the caller's path holds (packages carried to a device).
+    path = [str(tree.resolve()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     started = time.time()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -65,7 +71,12 @@ def run_once(tree: Path, variant: str, args, out: Path) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trees", nargs="+", required=True, help="NAME=PATH of a src/ folder")
+    p.add_argument(
+        "--trees",
+        nargs="+",
+        required=True,
+        help="NAME=PATH of a src/ folder, optionally :VARIANT,... to run only those on it",
+    )
     p.add_argument("--variants", nargs="+", default=["plain", "lisa"], choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--warmup", type=int, default=100)
@@ -74,13 +85,19 @@ def main(argv=None):
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `lisa train` flags")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    trees = dict(item.split("=", 1) for item in args.trees)
+    trees, only = {}, {}
+    for item in args.trees:
+        name, rest = item.split("=", 1)
+        trees[name], _, listed = rest.partition(":")
+        only[name] = listed.split(",") if listed else args.variants
     started = time.time()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for variant in args.variants:
                 for name, tree in trees.items():
+                    if variant not in only[name]:
+                        continue
                     out = Path(tmp) / f"{name}-{variant}-{repeat}"
                     result = run_once(Path(tree), variant, args, out)
                     runs.append({"tree": name, "variant": variant, "repeat": repeat, **result})
@@ -90,17 +107,21 @@ def main(argv=None):
         for variant in args.variants:
             values = [r["mean_step_seconds"] for r in runs
                       if r["tree"] == name and r["variant"] == variant]
-            summary["mean_step_seconds"][f"{name}/{variant}"] = statistics.median(values)
+            if values:
+                summary["mean_step_seconds"][f"{name}/{variant}"] = statistics.median(values)
     table = summary["mean_step_seconds"]
     for name in trees:
-        if {"plain", "lisa"} <= set(args.variants):
-            summary.setdefault("lisa_over_plain", {})[name] = (
-                table[f"{name}/lisa"] / table[f"{name}/plain"]
-            )
+        for variant in args.variants:
+            if variant != "plain" and f"{name}/plain" in table and f"{name}/{variant}" in table:
+                summary.setdefault("over_plain", {})[f"{name}/{variant}"] = (
+                    table[f"{name}/{variant}"] / table[f"{name}/plain"]
+                )
     names = list(trees)
     if len(names) == 2:
         summary["second_over_first"] = {
-            v: table[f"{names[1]}/{v}"] / table[f"{names[0]}/{v}"] for v in args.variants
+            v: table[f"{names[1]}/{v}"] / table[f"{names[0]}/{v}"]
+            for v in args.variants
+            if f"{names[0]}/{v}" in table and f"{names[1]}/{v}" in table
         }
     write_result(summary, "loop_overhead.py", argv, started, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))

@@ -13,17 +13,27 @@ One run on one GPU, SD2.1-base-shaped UNet and ControlNet with random weights (n
   C            B + LikelihoodScoreAlignment at down_5 with the shared-encoder prior (default).
   C_fullprior  C with shared_encoder_prior=False (a second full UNet pass, as in A).
   C_batched    C with batched_prior=True (the two up paths as one 2B call).
+  C_f0.5       C with the prior, the decoder and the aux loss on half of each batch
+               (LikelihoodScoreAlignment(batch_fraction=0.5), ``lisa train
+               --lisa_batch_fraction 0.5``): the prior's up path on B/2 rows.
+  C_f0.25      the same on a quarter of each batch.
+  C_t500       C with the aux loss on the rows with t in [500, 1000) and the prior on those
+               rows only (timestep_range=(500, 1000), subset="timestep"): about B/2 rows under
+               uniform timesteps, a different count every step.
 
 B and all C variants share every speed option (--channels-last, --compile,
 --gradient-checkpointing), so C/B is LISA's overhead and A/C the speed-up over the reference
-with LISA; C_fullprior/B and C_batched/C decide the two prior options.
+with LISA; C_fullprior/B and C_batched/C decide the two prior options, C_f0.5/B, C_f0.25/B and
+C_t500/B what LISA costs on part of the batch. (Under --compile, C_t500's varying row count makes
+the prior's blocks recompile with dynamic shapes.)
 
 Reported per variant and batch size: median step time over --steps timed steps after --warmup
 (synchronize + perf_counter around each whole step, optimizer included), peak memory
 (torch.cuda.max_memory_allocated, reset before building each variant, so it counts weights,
 gradients, optimizer state and activations), FLOPs of one step counted with
 torch.utils.flop_counter.FlopCounterMode (at the first batch size, scaled: every
-FLOP is per sample), and model FLOPs utilisation against --peak-flops.
+FLOP is per sample; C_t500's count is that of the one step counted, whose timesteps decide how
+many rows get a prior), and model FLOPs utilisation against --peak-flops.
 A numerical check compares C's shared-encoder and batched prior, output and gradients with the
 full-pass reference on the GPU, in bf16.
 
@@ -75,7 +85,13 @@ LISA_LAYER_INDEX = 5  # down_5, the LISA authors' layer
 LISA_WEIGHT = 0.2
 LEARNING_RATE = 1e-5
 MAX_GRAD_NORM = 1.0
-VARIANTS = ("A", "B", "C", "C_fullprior", "C_batched")
+VARIANTS = ("A", "B", "C", "C_fullprior", "C_batched", "C_f0.5", "C_f0.25", "C_t500")
+# LikelihoodScoreAlignment arguments of the C variants that read part of the batch.
+SUBSET_VARIANTS = {
+    "C_f0.5": {"batch_fraction": 0.5},
+    "C_f0.25": {"batch_fraction": 0.25},
+    "C_t500": {"timestep_range": (500, 1000), "subset": "timestep"},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="B/C: channels_last memory")
     p.add_argument("--compile", action="store_true", help="B/C: torch.compile every UNet block")
     p.add_argument("--gradient-checkpointing", action="store_true", help="B/C: on the ControlNet")
-    p.add_argument("--batched-prior", action="store_true", help="C: batched_prior=True")
+    p.add_argument(
+        "--batched-prior",
+        action="store_true",
+        help="C and the subset variants (C_f0.5, C_f0.25, C_t500): batched_prior=True",
+    )
     p.add_argument(
         "--peak-flops",
         type=float,
@@ -306,7 +326,15 @@ class ReferenceStep:
 class LibraryStep:
     """lisa_control's ControlTrainingStep with the speed options of this benchmark."""
 
-    def __init__(self, setup: Setup, args, lisa: bool, shared_encoder_prior=True, batched=False):
+    def __init__(
+        self,
+        setup: Setup,
+        args,
+        lisa: bool,
+        shared_encoder_prior=True,
+        batched=False,
+        lisa_options: dict | None = None,
+    ):
         device = setup.device
         self.weight_dtype = DTYPES[args.library_dtype]
         unet = copy.deepcopy(setup.unet).to(device, dtype=self.weight_dtype)
@@ -328,6 +356,7 @@ class LibraryStep:
                     out_channels=4,
                     sample_size=setup.latent_size,
                     weight=LISA_WEIGHT,
+                    **(lisa_options or {}),
                 )
             )
         self.step = ControlTrainingStep(branch, make_objective("epsilon"), regularizers).to(device)
@@ -364,6 +393,10 @@ def build_variant(name: str, setup: Setup, args):
         return LibraryStep(setup, args, lisa=True, shared_encoder_prior=False)
     if name == "C_batched":
         return LibraryStep(setup, args, lisa=True, batched=True)
+    if name in SUBSET_VARIANTS:
+        return LibraryStep(
+            setup, args, lisa=True, batched=args.batched_prior, lisa_options=SUBSET_VARIANTS[name]
+        )
     raise ValueError(name)
 
 
@@ -589,6 +622,7 @@ def run_benchmark(argv: list[str]) -> dict:
     for batch_size in args.batch_sizes:
         pairs = [("C/B", "C", "B"), ("A/B", "A", "B"), ("A/C", "A", "C")]
         pairs += [("C_fullprior/B", "C_fullprior", "B"), ("C_batched/C", "C_batched", "C")]
+        pairs += [(f"{name}/B", name, "B") for name in SUBSET_VARIANTS]
         ratios[str(batch_size)] = {
             label: median[(num, batch_size)] / median[(den, batch_size)]
             for label, num, den in pairs

@@ -45,6 +45,18 @@ def test_a_curve_twice_as_fast_gives_speedup_two():
     assert result["speedup"] == pytest.approx(1.6)
 
 
+def test_time_to_plain_final_in_seconds_uses_each_runs_step_time():
+    plain = run(0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]) | {"seconds_per_step": 0.5}
+    fast = run(0, [0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8, 0.8]) | {"seconds_per_step": 1.0}
+    result = convergence.compare_to_plain(plain, fast)
+    # 800 steps at 0.5 s against 500 steps at 1.0 s: fewer steps, yet slower on the clock.
+    assert (result["plain_seconds"], result["variant_seconds"]) == (400.0, 500.0)
+    assert result["speedup_seconds"] == pytest.approx(0.8)
+    assert result["speedup_interpolated_seconds"] == pytest.approx(2.0 * 0.5)
+    untimed = convergence.compare_to_plain(run(0, [0.1, 0.2, 0.3]), fast)  # no step times
+    assert untimed["plain_seconds"] is None and untimed["speedup_seconds"] is None
+
+
 def test_identical_curves_give_one_and_runs_compare_on_common_steps():
     plain = run(0, [0.1, 0.3, 0.5, 0.6, 0.65])
     same_but_shorter = run(0, [0.1, 0.3, 0.5])

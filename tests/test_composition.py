@@ -6,16 +6,19 @@ multi-network pipelines give (UNet ControlNets, SD3, Flux, T2I-Adapters); a netw
 with a window that excludes every step changes nothing; windows select exactly diffusers' steps;
 mismatches are refused in one line; ``lisa train`` trains one side network per condition of the
 two-condition task, with LISA on each, resumes bit-exactly and saves networks ``lisa sample``
-composes.
+composes. With LISA on part of the batch the composed prior covers the rows asked for, in every
+family, and each network's LISA reads the one draw of rows; video side networks are refused.
 """
 
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_lisa_subset as subset_tests
 import torch
 from diffusers import (
     ControlNetModel,
@@ -714,6 +717,135 @@ def test_lisa_sample_refuses_mismatched_compositions_in_one_line(
     assert main([str(a) for a in argv]) == 2
     assert words in one_line_error(capsys)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------ LISA on part of the batch
+
+
+def second_branch(branch):
+    """Another side network of ``branch``'s kind on the same main network, set apart."""
+    side = perturb(deepcopy(branch.side_network), 3)
+    flags = {}
+    if isinstance(branch, UNetControlNetBranch):
+        flags = dict(shared_encoder_prior=branch.shared_encoder_prior,
+                     batched_prior=branch.batched_prior)  # fmt: skip
+    return type(branch)(branch.main_network, side, **flags)
+
+
+@pytest.mark.parametrize("name", subset_tests.BRANCHES)
+def test_the_composed_prior_on_rows_equals_those_rows_of_the_full_prior(name):
+    first = subset_tests.BRANCHES[name]()
+    branches = {"a": first, "b": second_branch(first)}
+    composed = ComposedBranch(branches, conditioning_scale=[1.0, 0.5])
+    x_t, t, context, condition = subset_tests.branch_inputs(name)
+    conditions = [condition, condition.flip(0)]
+    rows, no_rows = torch.tensor([1, 3]), torch.tensor([], dtype=torch.long)
+    close = dict(rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        full = composed(x_t, t, context, conditions, with_prior=True)
+        part = composed(x_t, t, context, conditions, with_prior=True, prior_rows=rows)
+        none = composed(x_t, t, context, conditions, with_prior=True, prior_rows=no_rows)
+        # No network acting: the main network alone, whose output is its own prior.
+        off = composed(x_t, t, context, conditions, with_prior=True, prior_rows=rows,
+                       conditioning_scale=0.0)  # fmt: skip
+    assert full.prior_rows is None and full.prior.shape == x_t.shape
+    assert part.prior_rows is rows and part.prior.shape == (2, *x_t.shape[1:])
+    torch.testing.assert_close(part.prior, full.prior[rows], **close)
+    torch.testing.assert_close(part.output, full.output, **close)
+    assert none.prior_rows is no_rows and none.prior.shape == (0, *x_t.shape[1:])
+    assert off.prior_rows is rows
+    torch.testing.assert_close(off.prior, off.output[rows], rtol=0, atol=0)
+    torch.testing.assert_close(off.prior, full.prior[rows], **close)
+
+
+def test_lisa_on_part_of_the_batch_draws_one_choice_of_rows_for_every_side_network():
+    """Each side network's LISA reads the rows the first copy draws, drawn once per step; the
+    branch computes the prior for those rows only, and the aux losses are the ones read from
+    the full prior on those rows."""
+    from lisa_control import ControlTrainingStep, make_objective
+    from lisa_control.regularizers.base import StepState
+    from lisa_control.regularizers.per_network import PerSideNetwork
+
+    first = subset_tests.unet_branch()
+    composed = ComposedBranch({"a": first, "b": second_branch(first)})
+    reg = PerSideNetwork({
+        side: subset_tests.lisa(branch, batch_fraction=0.5, subset="random")
+        for side, branch in composed.side_branches.items()
+    })  # fmt: skip
+    objective = make_objective("epsilon")
+    x0, context, condition, noise, t = subset_tests.unet_inputs()
+    conditions = [condition, condition.flip(0)]
+    noised = objective.sample(x0, noise=noise, timesteps=t)
+    torch.manual_seed(7)
+    expected = reg.parts["a"].prior_rows(noised)
+    after_one_draw = torch.get_rng_state()
+    assert expected.numel() == 4 and not torch.equal(expected, torch.arange(4))
+
+    calls = subset_tests.BranchCalls(composed)
+    torch.manual_seed(7)
+    out = ControlTrainingStep(composed, objective, [reg])(
+        x0, context, conditions, noise=noise, timesteps=t
+    )
+    calls.handle.remove()
+    assert torch.equal(torch.get_rng_state(), after_one_draw)
+    assert len(calls.rows) == 1 and torch.equal(calls.rows[0], expected)
+    with torch.no_grad():
+        prediction = composed(noised.x_t, noised.timesteps, context, conditions, with_prior=True)
+        reference = reg(StepState(noised, prediction, objective, rows=expected))
+    for side in ("a", "b"):
+        assert out.logs[f"{side}/aux_rows"] == 4
+        torch.testing.assert_close(
+            out.logs[f"{side}/aux_loss"], reference.logs[f"{side}/aux_loss"], rtol=1e-5, atol=0
+        )
+
+
+# ----------------------------------------------------------------------------- video families
+
+
+def test_video_side_networks_are_refused_by_the_composed_branch():
+    from lisa_control.families.animatediff import AnimateDiffControlNetBranch
+    from lisa_control.zoo.video import tiny_unet_motion
+
+    unet = tiny_unet_motion(seed=0, sample_size=16)
+    branches = [AnimateDiffControlNetBranch.from_main(unet, condition_downscale=1)
+                for _ in range(2)]  # fmt: skip
+    with pytest.raises(ModelError, match="AnimateDiffControlNetBranch side networks cannot be"):
+        ComposedBranch(branches)
+    with pytest.raises(ModelError, match="video side networks run one at a time"):
+        ComposedBranch.from_side_networks(
+            AnimateDiffControlNetBranch, unet, [b.side_network for b in branches]
+        )
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--controlnet", "a", "b"], "2 --controlnet folders given"),
+        (["--controlnet", "a", "--conditioning_scale", "0.5"], "--conditioning_scale given"),
+    ],
+)
+def test_lisa_sample_refuses_to_compose_for_condition_videos(tmp_path, capsys, extra, words):
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(tmp_path / "walk.gif", save_all=True, append_images=frames[1:], loop=0)
+    argv = ["sample", *extra, "--image", str(tmp_path / "walk.gif"), "--output_dir",
+            str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    assert "video side networks are not composed" in (err := one_line_error(capsys))
+    assert words in err and not (tmp_path / "out").exists()
+
+
+def test_lisa_train_refuses_several_condition_columns_for_a_video_model(tmp_path):
+    from types import SimpleNamespace
+
+    from lisa_control.training.build import build_dataset
+    from lisa_control.training.config import TrainConfig
+
+    video_model = SimpleNamespace(
+        resolution=32, family=SimpleNamespace(name="animatediff", takes_video=True)
+    )
+    cfg = TrainConfig(train_data_dir=str(tmp_path), conditioning_image_column=["pose", "seg"])
+    with pytest.raises(ConfigError, match="video side networks are not composed"):
+        build_dataset(cfg, video_model)
 
 
 # ----------------------------------------------------------------------------- the benchmark

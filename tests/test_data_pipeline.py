@@ -512,8 +512,9 @@ def test_max_samples_takes_a_seeded_subset_and_validate_lists_every_problem(tmp_
     assert len(subset) == 3
     assert [subset[i]["index"] for i in range(3)] == [0, 1, 2]
     assert subset.validate() == 3
-    (folder / "img2.png").write_bytes(b"garbage")
-    (folder / "img4.png").write_bytes(b"garbage")
+    for name in ("img2.png", "img4.png"):  # cut after the header, which is checked at build
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
     dataset = ControlDataset(folder, resolution=RESOLUTION)  # decoding is lazy: builds fine
     assert dataset.validate(max_items=2) == 2
     with pytest.raises(DataError) as caught:

@@ -125,3 +125,33 @@ def test_latent_flow_recipes_refuse_a_second_weighting():
     model = MainModel(main_network=None, scheduler=None, family=get_family("sd3"), vae=object())
     with pytest.raises(ConfigError, match="diffusers' weighting scheme"):
         model.training_objective("flow", weighting=X0Weighting())
+
+
+def test_training_runs_with_each_weighting_and_resume_refuses_another(tmp_path, capsys):
+    from factories import make_image_folder, make_pixel_model
+
+    from lisa_control.cli import main
+
+    model, data = make_pixel_model(tmp_path / "model"), make_image_folder(tmp_path / "data", n=4)
+
+    def argv(out, steps, *extra):
+        flags = dict(pretrained_model_name_or_path=model, train_data_dir=data, resolution=16,
+                     train_batch_size=2, max_train_steps=steps, checkpointing_steps=1,
+                     validation_steps=0, report_to="none", output_dir=out)
+        return ["train", *[a for k, v in flags.items() for a in (f"--{k}", str(v))],
+                "--no-progress", *extra]
+
+    import json
+
+    losses = {}
+    for name in ("none", "x0", "min_snr"):
+        out = tmp_path / name
+        assert main(argv(out, 1, "--loss_weighting", name)) == 0
+        losses[name] = json.loads((out / "loss_log.jsonl").read_text().splitlines()[0])["loss"]
+    # Same data, weights and noise: only the weighting differs, and it changes the loss.
+    assert len(set(losses.values())) == 3
+    capsys.readouterr()
+    code = main(argv(tmp_path / "none", 2, "--loss_weighting", "x0",
+                     "--resume_from_checkpoint", "latest"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "loss_weighting" in err[0] and "'none'" in err[0]

@@ -1,4 +1,4 @@
-"""``lisa train | sample | pretrain | demo``.
+"""The ``lisa`` command: one module per sub-command in this folder, each a parser and a call.
 
 Every user error is a :class:`LisaError` and ends as one line on stderr with exit code 2; only
 our own bugs show a traceback.
@@ -6,59 +6,36 @@ our own bugs show a traceback.
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
 
 from ..core.errors import LisaError
 
-USAGE = """usage: lisa {train,sample,eval,pretrain,demo} [flags]
+# command -> what it does; the command's module in this folder has main(argv).
+COMMANDS = {
+    "train": "train a side network (ControlNet) with LISA; flags as diffusers' train_controlnet.py",
+    "sample": "generate with a trained side network",
+    "eval": "sample a test split with a side network (or a run's checkpoints) and score it",
+    "edit": "restore or edit images with a pretrained model (CODE, or SDEdit)",
+    "pretrain": "train a small main network from scratch on an embedded task",
+    "demo": "plain ControlNet vs LISA on the embedded pose task, with a report",
+}
 
-  train     train a side network (ControlNet) with LISA; flags as diffusers' train_controlnet.py
-  sample    generate with a trained side network
-  eval      sample a test split with a side network (or a run's checkpoints) and score it
-  pretrain  train a small main network from scratch on an embedded task
-  demo      plain ControlNet vs LISA on the embedded pose task, with a report
-
-Run `lisa COMMAND --help` for a command's flags. Multi-GPU: accelerate launch -m lisa_control train
-"""
-
-
-def _train(argv):
-    from ..training.config import parse_args
-    from ..training.train import train
-
-    train(parse_args(argv))
-
-
-def _sample(argv):
-    from .sample import main
-
-    main(argv)
-
-
-def _eval(argv):
-    from .eval import main
-
-    main(argv)
-
-
-def _pretrain(argv):
-    from .pretrain import main
-
-    main(argv)
-
-
-def _demo(argv):
-    from .demo import main
-
-    main(argv)
-
-
-COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "pretrain": _pretrain, "demo": _demo}
+USAGE = (
+    f"usage: lisa {{{','.join(COMMANDS)}}} [flags]\n\n"
+    + "".join(f"  {name:<9} {text}\n" for name, text in COMMANDS.items())
+    + "\nRun `lisa COMMAND --help` for a command's flags. `lisa --version` prints the version.\n"
+    "Multi-GPU: accelerate launch -m lisa_control train\n"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V"):
+        from .. import __version__
+
+        print(f"lisa-control {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -67,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lisa: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        COMMANDS[command](rest)
+        importlib.import_module(f"{__name__}.{command}").main(rest)
     except LisaError as exc:
         print(f"lisa {command}: error: {exc}", file=sys.stderr)
         return 2
@@ -75,13 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lisa {command}: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def run_demo(args) -> dict:
                 seed=args.seed,
                 device=args.device,
                 output_dir=str(out / name),
+                overwrite_output_dir=True,
             )
         )
         # A fresh directory per run: the demo compares two runs from scratch.

@@ -14,6 +14,8 @@ import argparse
 import shlex
 import sys
 
+from ..families import side_network_kinds
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -22,6 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
+    _side_network_arguments(p)
+    _data_arguments(
+        p.add_argument_group("test split (one of; neither: the task the main model names)")
+    )
+    _sampling_arguments(p.add_argument_group("sampling"))
+    _metric_arguments(p.add_argument_group("metrics"))
+    p.add_argument("--sheet_rows", type=int, default=16, help="rows of samples.png")
+    p.add_argument("--allow_pickle", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _side_network_arguments(p) -> None:
     which = p.add_argument_group("side networks (one of)")
     which.add_argument("--controlnet", default=None, help="a side network folder (diffusers)")
     which.add_argument(
@@ -34,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--side_network",
-        choices=["controlnet", "t2i_adapter"],
+        choices=side_network_kinds(),
         default=None,
         help="what kind of side network it is (default: the run's, else controlnet)",
     )
@@ -44,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="main model (default: the run's config.json beside the checkpoints, else the "
         "shipped model of --task)",
     )
-    data = p.add_argument_group("test split (one of; neither: the task the main model names)")
+
+
+def _data_arguments(data) -> None:
     data.add_argument(
         "--task", default=None, help="an embedded task: its held-out conditions and metric"
     )
@@ -67,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="conditions to sample (default: 64 held-out ones for a task; every row of a "
         "folder, else this many rows chosen with --seed)",
     )
-    gen = p.add_argument_group("sampling")
+
+
+def _sampling_arguments(gen) -> None:
     gen.add_argument("--resolution", type=int, default=None, help="default: the model's own")
     gen.add_argument("--num_inference_steps", type=int, default=20)
     gen.add_argument("--guidance_scale", type=float, default=None)
@@ -78,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="conditions sampled together (same noise per condition)",
     )
     gen.add_argument("--seed", type=int, default=0, help="seeds each condition's noise")
-    score = p.add_argument_group("metrics")
+
+
+def _metric_arguments(score) -> None:
     score.add_argument(
         "--extractor",
         choices=["edges", "pose", "depth", "segmentation"],
@@ -134,12 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the metric of the curve and threshold (default: the fidelity metric, else the "
         "Fréchet distance)",
     )
-    p.add_argument("--sheet_rows", type=int, default=16, help="rows of samples.png")
-    p.add_argument("--allow_pickle", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p
 
 
 def config_from_args(args, argv) -> object:

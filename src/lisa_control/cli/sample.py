@@ -9,13 +9,16 @@ Conditions are image files, folders (every image in them, sorted) or ``metadata.
 comes from its own generator seeded by (seed, index), so ``--batch_size`` does not change the
 images (beyond the float rounding of batched kernels). ``--output_dir`` gets one PNG per sample,
 named after its condition file, and ``grid.png``; ``--output`` writes the grid alone (condition
-| samples, one row per condition).
+| samples, one row per condition). Condition videos (video files, animated GIFs, or a
+metadata.jsonl with a condition-video column) go to video models and come back as animated GIFs
+and frame sheets (``cli/sample_video.py``).
 
 Several side networks compose (``--controlnet A B``): their residuals are summed, each times its
 ``--conditioning_scale`` and inside its ``--control_guidance_start`` / ``--control_guidance_end``
 window, as diffusers' multi-ControlNet pipelines do; ``--image`` then gives one condition per
 network for each sample, in the networks' order (``a.png b.png``, two folders paired by name
-order, or a metadata.jsonl with one ``--conditioning_image_column`` per network).
+order, or a metadata.jsonl with one ``--conditioning_image_column`` per network). Video side
+networks take one network, without scale or window.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import ConfigError
+from ..families import side_network_kinds
 
 DEFAULT_OUTPUT = "samples.png"
 
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--side_network",
-        choices=["controlnet", "t2i_adapter"],
+        choices=side_network_kinds(),
         default="controlnet",
         help="what kind of side network --controlnet holds (as in `lisa train`)",
     )
@@ -60,35 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="metadata.jsonl column of the condition images (as in `lisa train`); one per side "
         "network with several",
     )
-    p.add_argument(
-        "--conditioning_scale",
-        type=float,
-        nargs="+",
-        default=None,
-        help="multiplies each side network's residuals: one number, or one per network "
-        "(default 1)",
-    )
-    p.add_argument(
-        "--control_guidance_start",
-        type=float,
-        nargs="+",
-        default=None,
-        help="fraction of the steps after which each side network starts acting: one number, "
-        "or one per network (default 0; diffusers' meaning)",
-    )
-    p.add_argument(
-        "--control_guidance_end",
-        type=float,
-        nargs="+",
-        default=None,
-        help="fraction of the steps after which each side network stops acting: one number, or "
-        "one per network (default 1)",
-    )
+    add_composition_flags(p)
     p.add_argument(
         "--caption_column",
         default="text",
         help="metadata.jsonl column of the prompts (as in `lisa train`)",
     )
+    add_video_flags(p)
     p.add_argument(
         "--prompt",
         nargs="+",
@@ -119,6 +101,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow_pickle", action="store_true")
     p.add_argument("--device", default=None)
+    add_output_flags(p)
+    return p
+
+
+def add_composition_flags(p: argparse.ArgumentParser) -> None:
+    """Each side network's scale and guidance window (several side networks, or one)."""
+    p.add_argument(
+        "--conditioning_scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="multiplies each side network's residuals: one number, or one per network (default 1)",
+    )
+    p.add_argument(
+        "--control_guidance_start",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fraction of the steps after which each side network starts acting: one number, "
+        "or one per network (default 0; diffusers' meaning)",
+    )
+    p.add_argument(
+        "--control_guidance_end",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fraction of the steps after which each side network stops acting: one number, or "
+        "one per network (default 1)",
+    )
+
+
+def add_video_flags(p: argparse.ArgumentParser) -> None:
+    """Condition videos for video models (``cli/sample_video.py``)."""
+    p.add_argument(
+        "--conditioning_video_column",
+        default="conditioning_video",
+        help="metadata.jsonl column of condition videos, for video models (see sample_video.py)",
+    )
+    p.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="video models: frames taken from each condition video (default all)",
+    )
+    p.add_argument("--fps", type=float, default=8, help="video models: frame rate of the GIFs")
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """Where the samples and the grid go."""
     p.add_argument(
         "--output",
         default=None,
@@ -131,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for one PNG per sample, named after its condition file (NAME.png, or "
         "NAME_K.png with --num_images K > 1), and the grid grid.png",
     )
-    return p
 
 
 def check_args(args) -> None:
@@ -157,6 +187,23 @@ def check_args(args) -> None:
         )
 
 
+def check_video_args(args) -> None:
+    """Refuse composition flags for condition videos: video side networks are not composed."""
+    composing = [
+        f"--{flag}"
+        for flag in ("conditioning_scale", "control_guidance_start", "control_guidance_end")
+        if getattr(args, flag, None) is not None
+    ]
+    if len(args.controlnet) > 1:
+        composing.insert(0, f"{len(args.controlnet)} --controlnet folders")
+    if composing:
+        raise ConfigError(
+            f"the conditions are videos, which take one side network without a scale or a "
+            f"guidance window ({', '.join(composing)} given); video side networks are not "
+            "composed."
+        )
+
+
 def prompts_for(conditions, prompts: list[str] | None) -> list[str]:
     """One prompt per condition: ``--prompt`` (one for all, or one each), else each
     condition's own caption, else ""."""
@@ -177,32 +224,18 @@ def sample_file_name(name: str, k: int, num_images: int) -> str:
 
 def generate(args) -> Path:
     """Run ``lisa sample``; returns the grid's path."""
-    from PIL import Image
-
-    from ..eval.conditions import (
-        load_condition_tensors,
-        read_condition_groups,
-        read_conditions,
-    )
     from ..eval.generate import SideNetworkSampler
-    from ..eval.images import image_grid, to_uint8
+    from ..eval.video import names_videos
     from ..families.loading import load_main_model
 
     check_args(args)
+    if names_videos(args.image, args.conditioning_video_column):
+        check_video_args(args)
+        from .sample_video import generate_videos
+
+        return generate_videos(args, prompts_for, DEFAULT_OUTPUT)
     several = len(args.controlnet) > 1
-    if several:
-        groups = read_condition_groups(
-            args.image,
-            len(args.controlnet),
-            args.conditioning_image_column,
-            args.caption_column or None,
-        )
-        conditions = [group[0] for group in groups]
-    else:
-        conditions = read_conditions(
-            args.image, args.conditioning_image_column[0], args.caption_column or None
-        )
-        groups = [[c] for c in conditions]
+    conditions, groups = read_condition_sources(args)
     prompts = prompts_for(conditions, args.prompt)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_main_model(
@@ -222,14 +255,50 @@ def generate(args) -> Path:
         control_guidance_start=_one_or_list(args.control_guidance_start),
         control_guidance_end=_one_or_list(args.control_guidance_end),
     )
+    per_network = condition_batches(sampler, groups, resolution)
+    tensors = per_network if several else per_network[0]
+    sampler.check_conditions(tensors)
+    return write_samples(args, sampler, tensors, per_network, conditions, prompts)
+
+
+def read_condition_sources(args) -> tuple[list, list[list]]:
+    """(one condition per sample, the sample's conditions one per side network) from
+    ``--image``; the first of each group names the sample and holds its caption."""
+    from ..eval.conditions import read_condition_groups, read_conditions
+
+    if len(args.controlnet) > 1:
+        groups = read_condition_groups(
+            args.image,
+            len(args.controlnet),
+            args.conditioning_image_column,
+            args.caption_column or None,
+        )
+        return [group[0] for group in groups], groups
+    conditions = read_conditions(
+        args.image, args.conditioning_image_column[0], args.caption_column or None
+    )
+    return conditions, [[c] for c in conditions]
+
+
+def condition_batches(sampler, groups: list[list], resolution: int) -> list:
+    """One condition batch per side network, with that network's channels."""
+    from ..eval.conditions import load_condition_tensors
+
     channels = sampler.condition_channels
-    channels = channels if several else [channels]
-    per_network = [
+    channels = channels if isinstance(channels, list) else [channels]
+    return [
         load_condition_tensors([g[k] for g in groups], resolution, channels[k])
         for k in range(len(channels))
     ]
-    tensors = per_network if several else per_network[0]
-    sampler.check_conditions(tensors)
+
+
+def write_samples(args, sampler, tensors, per_network, conditions, prompts) -> Path:
+    """Sample ``--num_images`` per condition; write the PNGs and the grid (every network's
+    condition, then the samples, one row per condition); returns the grid's path."""
+    from PIL import Image
+
+    from ..eval.images import image_grid, to_uint8
+
     shown = [to_uint8(t, signed=False) for t in per_network]
     rows = [[images[i] for images in shown] for i in range(len(conditions))]
     out_dir = Path(args.output_dir) if args.output_dir else None

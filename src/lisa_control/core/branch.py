@@ -2,6 +2,10 @@
 
 The trainer, the regularizers and the benchmarks talk only to :class:`DualBranch`; each model
 family (UNet ControlNet, SD3, Flux, T2I-Adapter, ...) is one file implementing it.
+
+The prior may be asked for on part of the batch only (``prior_rows``): a regularizer that reads
+it on a subset of the rows (LISA's ``batch_fraction``) then pays for those rows alone. Row
+indices are a 1-D ``LongTensor``, ascending and without repeats; ``None`` means every row.
 """
 
 from __future__ import annotations
@@ -44,13 +48,80 @@ class Context:
             {k: move(v) for k, v in self.extra.items()},
         )
 
+    def select(self, rows: torch.Tensor, batch_size: int, unbatched=()) -> Context:
+        """This context for the batch rows ``rows`` of a batch of ``batch_size``: every tensor
+        whose first dimension is the batch's is indexed; other values (a context broadcast from
+        one row, a scalar, the ``extra`` names in ``unbatched``) pass through."""
+
+        def pick(name, value):
+            return value if name in unbatched else take_rows(value, rows, batch_size)
+
+        return Context(
+            take_rows(self.encoder_hidden_states, rows, batch_size),
+            None
+            if self.added_cond_kwargs is None
+            else {k: take_rows(v, rows, batch_size) for k, v in self.added_cond_kwargs.items()},
+            {k: pick(k, v) for k, v in self.extra.items()},
+        )
+
+
+def take_rows(value, rows: torch.Tensor | None, batch_size: int):
+    """``value[rows]`` for a tensor (or a tuple of tensors) with ``batch_size`` rows; anything
+    else, and every value when ``rows`` is None, unchanged."""
+    if rows is None:
+        return value
+    if isinstance(value, tuple):
+        return tuple(take_rows(v, rows, batch_size) for v in value)
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch_size:
+        return value[rows.to(value.device)]
+    return value
+
+
+def union_rows(wanted, batch_size: int) -> torch.Tensor | None:
+    """The rows any of ``wanted`` (each a row tensor or None) needs: None if one needs every row
+    or together they cover the batch, else the sorted union."""
+    wanted = list(wanted)
+    if not wanted or any(rows is None for rows in wanted):
+        return None
+    union = wanted[0] if len(wanted) == 1 else torch.unique(torch.cat(wanted), sorted=True)
+    return None if union.numel() >= batch_size else union
+
 
 @dataclass
 class Prediction:
-    """The controlled prediction and, when asked for, the main network's prior prediction."""
+    """The controlled prediction and, when asked for, the main network's prior prediction.
+
+    ``prior`` holds the batch rows ``prior_rows`` in that order (None: every row); read it
+    through :meth:`prior_at`.
+    """
 
     output: torch.Tensor
     prior: torch.Tensor | None = None
+    prior_rows: torch.Tensor | None = None
+
+    def prior_at(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """The prior of the batch rows ``rows`` (None: every row)."""
+        if self.prior is None:
+            raise RuntimeError("no prior prediction: call the branch with with_prior=True.")
+        if rows is self.prior_rows:
+            return self.prior
+        if self.prior_rows is None:
+            return self.prior if rows is None else self.prior[rows.to(self.prior.device)]
+        if rows is None:
+            raise RuntimeError(
+                f"the prior was computed for {self.prior_rows.numel()} of the batch's rows "
+                "only, but every row was asked for."
+            )
+        if rows.numel() == 0:
+            return self.prior[:0]
+        have = self.prior_rows.to(rows.device)
+        at = torch.searchsorted(have, rows).clamp_max(max(have.numel() - 1, 0))
+        if have.numel() == 0 or not torch.equal(have[at], rows):
+            raise RuntimeError(
+                "the prior was not computed for every row asked for: give the branch the union "
+                "of the rows (core.branch.union_rows)."
+            )
+        return self.prior[at.to(self.prior.device)]
 
 
 class DualBranch(nn.Module):
@@ -58,6 +129,8 @@ class DualBranch(nn.Module):
 
     ``forward(..., with_prior=True)`` also returns the main network's prediction without the side
     network's residuals, computed without gradient; a family may share work between the two.
+    ``forward(..., with_prior=True, prior_rows=rows)`` computes that prior for the batch rows
+    ``rows`` only and returns it with ``Prediction.prior_rows = rows``.
     """
 
     # The stock diffusers class of the side network, for loading saved weights.
@@ -95,12 +168,40 @@ class DualBranch(nn.Module):
             )
         return cls.from_main(main_network, side_network)
 
-    def forward(self, x_t, timesteps, context: Context, condition, with_prior: bool = False):
+    # Names in ``Context.extra`` that have no batch dimension (Flux's position ids), which
+    # ``Context.select`` must not index even when their length equals the batch size.
+    unbatched_context: ClassVar[tuple[str, ...]] = ()
+
+    def forward(
+        self,
+        x_t,
+        timesteps,
+        context: Context,
+        condition,
+        with_prior: bool = False,
+        prior_rows: torch.Tensor | None = None,
+    ):
         raise NotImplementedError
 
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def prior_on_rows(self, x_t, timesteps, context: Context, rows, output) -> torch.Tensor:
+        """:meth:`prior` for the batch rows ``rows`` (None: every row), the main network run on
+        those rows alone; ``output`` (the controlled prediction) gives the shape of an empty
+        prior when ``rows`` is empty."""
+        if rows is None:
+            return self.prior(x_t, timesteps, context)
+        if rows.numel() == 0:
+            return output.detach().new_empty((0, *output.shape[1:]))
+        batch = x_t.shape[0]
+        return self.prior(
+            take_rows(x_t, rows, batch),
+            take_rows(timesteps, rows, batch),
+            context.select(rows, batch, self.unbatched_context),
+        )
 
     def layer_names(self) -> list[str]:
         return zero_projection_names(self.side_network)

@@ -2,16 +2,21 @@
 trainer, a user's own loop, the benchmarks, DDP through accelerate) computes the same loss.
 
     loss = objective.loss(y(x_t, t, c), y_target) + sum_r r.loss(step state)
+
+The prior y_prior(x_t, t) is computed only when a regularizer needs it, and only for the batch
+rows one of them asks for (``Regularizer.prior_rows``; the union when several do, every row when
+one says None).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from .branch import Context, DualBranch
+from .branch import Context, DualBranch, union_rows
 from .objectives import Objective
 from ..regularizers.base import Regularizer, StepState
 
@@ -41,22 +46,17 @@ class ControlTrainingStep(nn.Module):
     def needs_prior(self) -> bool:
         return any(r.needs_prior for r in self.regularizers)
 
+    def _branch_takes_prior_rows(self) -> bool:
+        """Whether the branch's ``forward`` accepts ``prior_rows``; a branch written before that
+        argument existed computes the full prior, and regularizers read their rows from it."""
+        try:
+            params = inspect.signature(self.branch.forward).parameters.values()
+        except (TypeError, ValueError):
+            return False
+        return any(p.name == "prior_rows" or p.kind is p.VAR_KEYWORD for p in params)
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
-
-    def parameter_groups(self, lr_scale: float = 1.0) -> list[dict]:
-        """Optimizer parameter groups: one at the optimizer's learning rate, plus one per
-        regularizer that sets its own ``learning_rate`` (times ``lr_scale``, the trainer's
-        ``--scale_lr`` factor). Without such a regularizer it is a single group, so checkpoints
-        written before per-regularizer rates existed still resume."""
-        own = [r for r in self.regularizers if r.learning_rate is not None]
-        apart = {id(p) for r in own for p in r.parameters()}
-        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in apart]}]
-        for reg in own:
-            params = [p for p in reg.parameters() if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": reg.learning_rate * lr_scale})
-        return groups
 
     def forward(
         self,
@@ -69,15 +69,28 @@ class ControlTrainingStep(nn.Module):
         timesteps: torch.Tensor | None = None,
     ) -> StepOutput:
         noised = self.objective.sample(x0, generator=generator, noise=noise, timesteps=timesteps)
+        needs_prior = self.needs_prior
+        rows = [
+            reg.prior_rows(noised, generator=generator) if reg.needs_prior else None
+            for reg in self.regularizers
+        ]
+        prior_kwargs = {}
+        if needs_prior:
+            union = union_rows(
+                (r for reg, r in zip(self.regularizers, rows) if reg.needs_prior),
+                noised.x_t.shape[0],
+            )
+            if union is not None and self._branch_takes_prior_rows():
+                prior_kwargs["prior_rows"] = union
         prediction = self.branch(
-            noised.x_t, noised.timesteps, context, condition, with_prior=self.needs_prior
+            noised.x_t, noised.timesteps, context, condition, with_prior=needs_prior, **prior_kwargs
         )
         diffusion = self.objective.loss(prediction.output, noised)
         logs = {"diffusion_loss": diffusion.detach()}
         total = diffusion
         state = StepState(noised=noised, prediction=prediction, objective=self.objective, step=step)
-        for reg in self.regularizers:
-            out = reg(state)
+        for reg, reg_rows in zip(self.regularizers, rows):
+            out = reg(state if reg_rows is None else replace(state, rows=reg_rows))
             total = total + out.loss
             prefix = "" if len(self.regularizers) == 1 else f"{reg.name}/"
             logs[f"{prefix}{reg.name}_loss"] = out.loss.detach()

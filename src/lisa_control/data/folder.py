@@ -2,9 +2,10 @@
 ``metadata.jsonl`` or from a Hugging Face dataset, validated so that every problem a user can
 cause is a one-line LisaError that names the problem and the fix.
 
-What is cheap (the metadata file, column names, caption types, that files exist) is checked when
-the dataset is built, before any model is loaded. What is expensive (decoding images) is checked
-when an item is read, and ``validate()`` reads every item to collect all problems at once.
+What is cheap (the metadata file, column names, caption types, that files exist, each image
+file's header and size) is checked when the dataset is built, before the first training step,
+and every problem found is reported at once. What is expensive (decoding images) is checked when
+an item is read, and ``validate()`` reads every item to collect all problems at once.
 
 A local folder looks like diffusers' fill50k::
 
@@ -41,10 +42,13 @@ from ..core.errors import ConfigError, DataError
 from .images import (
     check_resolution,
     file_problem,
+    header_problem,
     load_image,
     load_image_bytes,
     pair_to_tensors,
     same_aspect,
+    size_problem,
+    symlink_loop,
     to_rgb,
 )
 from .sampler import split_key
@@ -54,6 +58,7 @@ EXAMPLE_LINE = (
     '{"image": "images/0.png", "conditioning_image": "conditions/0.png", "text": "a red car"}'
 )
 MAX_LISTED_PROBLEMS = 10
+PROGRESS_ROWS = 1000  # check_rows shows a progress bar above this many rows
 
 # One random stream per purpose: turning random crops on must not change which prompts are empty.
 _EMPTY_PROMPT_STREAM, _CAPTION_CHOICE_STREAM, _CROP_STREAM = 0, 1, 2
@@ -155,10 +160,24 @@ class _MetadataRows:
     def resolve(self, value: str) -> Path:
         return self.folder / value
 
-    def check_rows(self, rows, image_columns: list[str], caption_column: str | None) -> None:
-        """Every chosen row has its columns, text captions and existing image files."""
+    def check_rows(
+        self,
+        rows,
+        image_columns: list[str],
+        caption_column: str | None,
+        resolution: int | None = None,
+    ) -> None:
+        """Every chosen row has its columns, text captions and existing image files whose
+        headers are images' (of a size ``size_problem`` accepts for ``resolution``, when
+        given); all problems are collected into one DataError. A progress bar shows on folders
+        of more than ``PROGRESS_ROWS`` rows."""
+        from tqdm.auto import tqdm
+
         problems = []
-        for row in rows:
+        headers: dict[Path, str | None] = {}  # a file several rows share is read once
+        bar = tqdm(rows, desc="checking image files", unit="row", leave=False,
+                   disable=len(rows) <= PROGRESS_ROWS)  # fmt: skip
+        for row in bar:
             record, where = self.rows[row], f"line {self.line_numbers[row]}"
             for column in [*image_columns, caption_column]:
                 if column is not None and column not in record:
@@ -177,14 +196,27 @@ class _MetadataRows:
                         "path; write the image's path relative to the folder"
                     )
                     continue
-                problem = file_problem(self.resolve(value))
-                if problem:
-                    problems.append(f"{where}, column '{column}': {self.resolve(value)}: {problem}")
+                path = self.resolve(value)
+                if path not in headers:
+                    headers[path] = _image_file_problem(path, resolution)
+                if headers[path]:
+                    problems.append(f"{where}, column '{column}': {path}: {headers[path]}")
         if problems:
             raise DataError(f"{self.path} has {len(problems)} problem(s): {_listing(problems)}")
 
     def image(self, value, *, role: str) -> Image.Image:
         return load_image(self.resolve(value), role=role)
+
+
+def _image_file_problem(path: Path, resolution: int | None) -> str | None:
+    """Why the file at ``path`` is no usable training image, from its header alone, or None."""
+    problem = file_problem(path)
+    if problem:
+        return problem
+    problem, size = header_problem(path)
+    if problem or resolution is None:
+        return problem
+    return size_problem(size, resolution)
 
 
 class _HubRows:
@@ -256,7 +288,13 @@ class _HubRows:
     def record(self, row: int) -> dict:
         return self.dataset[row]
 
-    def check_rows(self, rows, image_columns: list[str], caption_column: str | None) -> None:
+    def check_rows(
+        self,
+        rows,
+        image_columns: list[str],
+        caption_column: str | None,
+        resolution: int | None = None,
+    ) -> None:
         """Keep image cells encoded, so our strict decoder reads them, not ``datasets``' lenient
         one. Cells are checked when read: scanning a large arrow table here would be slow."""
         import datasets
@@ -316,6 +354,11 @@ def _open_source(source, *, config_name, split, cache_dir):
             f"data source {path} is a file; pass the folder that holds {METADATA_FILE} "
             "(--train_data_dir) or a dataset name (--dataset_name)"
         )
+    if symlink_loop(path):
+        raise DataError(
+            f"data folder {path} is a symbolic link loop (following it leads back to itself); "
+            "point --train_data_dir at the real folder"
+        )
     if _HUB_NAME.match(str(source)):
         return _HubRows(str(source), from_disk=False, **hub)
     raise DataError(
@@ -352,7 +395,9 @@ class ControlDataset(torch.utils.data.Dataset):
     Rules: images and conditions are converted to RGB as ``images.py`` documents (transparency on
     white for images, on black for conditions). A condition whose aspect ratio differs from its
     image's by more than a pixel of rounding is refused: resizing it to the image's size would
-    stretch the control away from what it describes.
+    stretch the control away from what it describes. So is a file whose shorter side is below
+    ``resolution / 8`` or whose sides are more than 4:1 (``images.size_problem``): it would be
+    enlarged into a blur, or cropped to a sliver.
     """
 
     def __init__(
@@ -389,7 +434,9 @@ class ControlDataset(torch.utils.data.Dataset):
             raise DataError(f"{self._source.name} has no rows; {self._source.empty_fix}")
         self._check_columns()
         self._rows = self._choose_rows(max_samples)
-        self._source.check_rows(self._rows, self._image_columns, caption_column)
+        self._source.check_rows(
+            self._rows, self._image_columns, caption_column, resolution=self.resolution
+        )
 
     # -- construction-time checks
 
@@ -486,6 +533,14 @@ class ControlDataset(torch.utils.data.Dataset):
                 f"{condition.width}x{condition.height}, a different aspect ratio; resizing would "
                 "misalign the control, so make the condition from this image or crop both alike"
             )
+        for column, picture in ((self.image_column, image),
+                                (self.conditioning_image_column, condition)):  # fmt: skip
+            problem = size_problem(picture.size, self.resolution)
+            if problem:
+                raise DataError(
+                    f"{self._where(index)}, column '{column}': {_file_label(record, column)}: "
+                    f"{problem}"
+                )
         crop_rng = self._rng(index, _CROP_STREAM) if self.random_crop else None
         pixel_values, conditioning_pixel_values = pair_to_tensors(
             image, condition, self.resolution, channels=self.condition_channels, rng=crop_rng

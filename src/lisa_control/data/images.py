@@ -28,6 +28,8 @@ file is used the way image viewers show it. Multi-frame files (GIF, APNG, TIFF) 
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -54,12 +56,28 @@ _PILLOW_CONVERTS = {"CMYK", "YCbCr", "HSV", "RGBX"}
 # ----------------------------------------------------------------------------- reading files
 
 
+def symlink_loop(path: str | os.PathLike) -> bool:
+    """Whether following ``path`` (or a folder on its way) leads back to itself."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    except ValueError:  # a NUL character: no such file, and no loop
+        return False
+    return False
+
+
 def file_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be opened as an image file (without decoding it), or None.
 
     Cheap enough to run on every row of a dataset before training starts.
     """
     path = Path(path)
+    if symlink_loop(path):
+        return (
+            "it is a symbolic link loop (following it leads back to itself); point the link at "
+            "the image file"
+        )
     if path.is_symlink() and not path.exists():
         return (
             f"it is a symlink to {os.readlink(path)}, which does not exist; fix or remove the link"
@@ -70,6 +88,66 @@ def file_problem(path: str | os.PathLike) -> str | None:
         return "it is a directory, not an image file; point to an image file inside it"
     if not os.access(path, os.R_OK):
         return "permission denied; make it readable (chmod a+r)"
+    return None
+
+
+# Geometry a training image may have for a square crop of side R: its shorter side at least
+# R / MAX_UPSCALE (so it is never enlarged more than 8x) and its sides at most MAX_ASPECT to 1
+# (so the crop keeps at least a quarter of it). Outside these it would train on a blur or on a
+# sliver of the picture.
+MAX_UPSCALE = 8
+MAX_ASPECT = 4
+
+
+def header_problem(path: str | os.PathLike) -> tuple[str | None, tuple[int, int] | None]:
+    """(why ``path``'s header is not an image's, or None; its (width, height) when it is).
+
+    Reads the header only (Pillow's ``open`` decodes no pixels), so a file cut short after its
+    header passes here and is refused when it is decoded."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "it is empty (0 bytes); re-download or re-export it", None
+        with _strict_decoding(), Image.open(path) as opened:
+            return None, opened.size
+    except Image.DecompressionBombError as err:
+        return (
+            f"it is too large for Pillow's decompression-bomb guard ({err}); downscale it",
+            None,
+        )
+    except Image.UnidentifiedImageError:
+        return (
+            "Pillow does not recognise it as an image (corrupt or unsupported format); "
+            "re-export it as PNG or JPEG",
+            None,
+        )
+    except MemoryError:
+        raise
+    except Exception as err:  # anything else Pillow or the OS raises on the header
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        hint = "truncated" if "truncated" in reason.lower() else "corrupt"
+        return f"the file is {hint} ({reason}); re-download or re-export it", None
+
+
+def size_problem(size: tuple[int, int], resolution: int) -> str | None:
+    """Why an image of ``size`` (width, height) makes no training crop of side ``resolution``
+    (see ``MAX_UPSCALE`` and ``MAX_ASPECT``), or None."""
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    if short <= 0:
+        return f"it is empty ({width}x{height} pixels); remove it"
+    if short * MAX_UPSCALE < resolution:
+        return (
+            f"it is {width}x{height} pixels, too small for --resolution {resolution}: its "
+            f"shorter side would be enlarged {resolution / short:.0f}x (at most {MAX_UPSCALE}x is "
+            f"accepted, i.e. >= {math.ceil(resolution / MAX_UPSCALE)} px); use a larger image "
+            "or a lower --resolution"
+        )
+    if long > MAX_ASPECT * short:
+        return (
+            f"it is {width}x{height} pixels, {long / short:.0f}:1, and the square crop would keep "
+            f"{100 * short / long:.2g}% of it (at most {MAX_ASPECT}:1 is accepted); crop it "
+            "closer to square"
+        )
     return None
 
 

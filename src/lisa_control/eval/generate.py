@@ -158,12 +158,16 @@ class SideNetworkSampler:
             branch = cls(model.main_network, self.side_network)
         self.several = several
         self.branch = branch.to(self.device).eval()
-        # diffusers' names for the stock pipeline's call.
-        self._pipeline_controls = {
-            "controlnet_conditioning_scale": settings["conditioning_scale"],
-            "control_guidance_start": settings["control_guidance_start"],
-            "control_guidance_end": settings["control_guidance_end"],
-        }
+        # diffusers' names for the stock pipeline's call; one network without a scale or a
+        # window leaves the pipeline's defaults (AnimateDiff's SparseCtrl pipeline has no
+        # guidance window).
+        self._pipeline_controls = {}
+        if self.composed:
+            self._pipeline_controls = {
+                "controlnet_conditioning_scale": settings["conditioning_scale"],
+                "control_guidance_start": settings["control_guidance_start"],
+                "control_guidance_end": settings["control_guidance_end"],
+            }
         self.pipeline = model.family.stock_pipeline(
             model,
             self.side_networks if several else self.side_network,
@@ -244,9 +248,10 @@ class SideNetworkSampler:
         progress: bool = False,
     ) -> torch.Tensor:
         """Images (N, 3, R, R) in [-1, 1] on the CPU, one per condition (N, C, R, R) in [0, 1]
-        (several side networks: a list of such, one per network) and prompt; condition i's
-        noise is draw ``draw`` of generator (seed, ``indices[i]``) (``indices`` default
-        0..N-1). ``batch_size`` conditions are sampled together."""
+        (several side networks: a list of such, one per network) and prompt (videos
+        (N, 3, F, R, R) for video conditions (N, C, F, R, R)); condition i's noise is draw
+        ``draw`` of generator (seed, ``indices[i]``) (``indices`` default 0..N-1).
+        ``batch_size`` conditions are sampled together."""
         self.check_conditions(conditions)
         n = _first(conditions).shape[0]
         indices = list(range(n)) if indices is None else list(indices)
@@ -257,7 +262,10 @@ class SideNetworkSampler:
         batch_size = n if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {batch_size}.")
-        shape = self.noise_shape(_first(conditions).shape[-1])
+        first = _first(conditions)
+        shape = self.noise_shape(first.shape[-1])
+        # Video conditions (N, C, F, R, R): noise (C, F, r, r) per condition.
+        shape = (shape[0], *first.shape[2:-2], *shape[1:])
         starts = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -286,7 +294,8 @@ class SideNetworkSampler:
                 output_type="np",
                 **self._pipeline_controls,
             ).images
-            return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1
+            # (N, H, W, 3) images or (N, F, H, W, 3) videos, channels to dimension 1.
+            return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, 1) * 2 - 1
         from .sampling import decode, init_noise_sigma, sample
         from .validation import inference_schedule
 

@@ -49,7 +49,9 @@ def latent_shape(branch: DualBranch, condition: torch.Tensor, batch: int) -> tup
         )
     downscale = 2 ** (len(embedding_channels) - 1)
     height, width = condition.shape[-2:]
-    return (batch, in_channels, height // downscale, width // downscale)
+    # A video condition (B, C, F, H, W) keeps its frames: x_t is (batch, C, F, h, w).
+    frames = tuple(condition.shape[2:-2])
+    return (batch, in_channels, *frames, height // downscale, width // downscale)
 
 
 def _repeat_to(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -217,9 +219,15 @@ def sample(
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] from ``sample``'s output: through the VAE for latent models, as is
-    (clamped) for pixel-space models (``vae`` None)."""
+    (clamped) for pixel-space models (``vae`` None); videos (B, C, F, h, w) frame by frame."""
     if vae is None:
         return latents.clamp(-1, 1)
+    if latents.ndim == 5:
+        # Videos (B, C, F, h, w) of an image VAE (AnimateDiff): frame by frame, back to
+        # (B, 3, F, H, W).
+        b, c, f, h, w = latents.shape
+        frames = decode(vae, latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
+        return frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
     config = vae.config
     latents = latents.to(vae.dtype) / config.scaling_factor
     # SD3 / Flux VAEs also shift their latents; SD's have no shift_factor (or None).

@@ -71,11 +71,11 @@ def _first(conditions) -> torch.Tensor:
 
 
 def _condition_batch(rendered: list) -> torch.Tensor | dict:
-    """Rendered conditions (H, W, C) uint8, or mappings name -> such, as a (N, C, H, W) batch in
-    [0, 1], or a mapping name -> batch."""
+    """Rendered conditions (H, W, C) uint8 (a video task's (F, H, W, C)), or mappings name ->
+    such, as a (N, C, H, W) (or (N, C, F, H, W)) batch in [0, 1], or a mapping name -> batch."""
     if isinstance(rendered[0], dict):
         return {name: _condition_batch([r[name] for r in rendered]) for name in rendered[0]}
-    return torch.stack([torch.from_numpy(c).permute(2, 0, 1).float() / 255 for c in rendered])
+    return torch.stack([torch.from_numpy(c).movedim(-1, 0).float() / 255 for c in rendered])
 
 
 def _grouped_validation_images(cfg, names, resolution: int):
@@ -149,6 +149,14 @@ class Validator:
             guidance_scale=cfg.validation_guidance_scale,
             seed=cfg.seed or 0,
         )
+        if model.family.takes_video and (cfg.validation_image or cfg.validation_feature_distance):
+            from ..core.errors import ConfigError
+
+            flag = "--validation_image" if cfg.validation_image else "--validation_feature_distance"
+            raise ConfigError(
+                f"{flag} is for image models; video models validate on a task's held-out clips "
+                "(--task pose_video) with its metrics, or pass --validation_steps 0."
+            )
         if cfg.validation_image:
             from ..data.images import load_image, to_condition_tensor
 
@@ -179,7 +187,11 @@ class Validator:
             return cls(conds, ctx, neg, samples_per_condition=cfg.num_validation_images, **common)
         task = dataset.task
         held_out = held_out_task_samples(task, cfg.validation_conditions, cfg.seed or 0)
+        # Channels first: (C, H, W), or (C, F, H, W) for a video task, whose noise then has
+        # the frames too.
         conds = _condition_batch([s.condition for s in held_out])
+        frames = _first(conds).shape[2:-2]
+        common["latent_shape"] = (channels, *frames, sample_size, sample_size)
         ctx = encoders.null_context(len(held_out))
         feature_distance = None
         if cfg.validation_feature_distance:
@@ -229,6 +241,8 @@ class Validator:
         branch.eval()
         images = self.generate(branch)
         branch.train(was_training)
+        if images.ndim == 6:  # videos (N, K, 3, F, H, W): an animation and its frame sheet
+            return self._write_videos(images, step, out_dir)
         rows = []
         # One column per condition (several conditions: each, in order).
         conditions = self.conditions
@@ -244,3 +258,20 @@ class Validator:
         if self.task is None:
             return {}
         return score_task_samples(self.task, images[:, 0], self.task_samples, self.feature_distance)
+
+    def _write_videos(self, videos: torch.Tensor, step: int, out_dir: Path) -> dict[str, float]:
+        """``step-<step>.gif`` (condition | samples | ground truth, animated) and
+        ``step-<step>_frames.png``; the task's scores of the first sample per condition."""
+        from .video import video_to_uint8, write_animation
+
+        conditions = video_to_uint8(self.conditions, signed=False)
+        rows = []
+        for i in range(videos.shape[0]):
+            row = [conditions[i], *video_to_uint8(videos[i])]
+            if self.task_samples is not None:
+                row.append(self.task_samples[i].image)
+            rows.append(row)
+        write_animation(rows, out_dir / f"step-{step}.gif", out_dir / f"step-{step}_frames.png")
+        if self.task is None:
+            return {}
+        return score_task_samples(self.task, videos[:, 0], self.task_samples, self.feature_distance)

@@ -5,6 +5,11 @@ line in the tuple below, or a :func:`register_family` call from your own code.
 """
 
 from ..core.branch import Context, DualBranch, Prediction
+from .animatediff import (
+    AnimateDiffControlNetBranch,
+    AnimateDiffFamily,
+    AnimateDiffSparseControlNetBranch,
+)
 from .base import Family, MainModel
 from .flux import FluxControlNetBranch, FluxFamily
 from .registry import (
@@ -19,11 +24,15 @@ from .registry import (
 from .sd3 import SD3ControlNetBranch, SD3Family
 from .t2i_adapter import T2IAdapterBranch
 from .unet import UNetControlNetBranch, UNetFamily
+from .unet2d import UNet2DFamily
 
-for _family in (UNetFamily(), SD3Family(), FluxFamily()):
+for _family in (UNetFamily(), SD3Family(), FluxFamily(), UNet2DFamily(), AnimateDiffFamily()):
     register_family(_family)
 
 __all__ = [
+    "AnimateDiffControlNetBranch",
+    "AnimateDiffFamily",
+    "AnimateDiffSparseControlNetBranch",
     "FAMILIES",
     "Context",
     "DualBranch",

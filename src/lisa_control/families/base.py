@@ -34,6 +34,8 @@ class Family:
         packed_channels: the main network takes ``packed_channels`` times the sample's channels
             (Flux packs 2x2 patches into tokens).
         pretrain_architecture: the ``lisa pretrain --architecture`` that builds this family.
+        takes_video: the main network denoises videos (B, C, F, H, W): the trainer reads video
+            folders for it, and sampling writes animations.
     """
 
     name: ClassVar[str]
@@ -46,6 +48,7 @@ class Family:
     packed_channels: ClassVar[int] = 1
     pretrain_architecture: ClassVar[str | None] = None
     default_objective: ClassVar[str] = "epsilon"
+    takes_video: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -80,6 +83,11 @@ class Family:
         whose context is more than one text encoder's hidden states."""
         raise NotImplementedError
 
+    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of ``pixels`` in [-1, 1] through ``vae``, before its shift and scale (images
+        (B, 3, H, W) in one call; video families encode their frames)."""
+        return vae.encode(pixels).latent_dist.sample()
+
     # ------------------------------------------------------------------ objective
 
     def training_objective(
@@ -109,6 +117,11 @@ class Family:
         if not model.has_text:
             return 1.0, None
         return (7.5 if guidance_scale is None else guidance_scale), None
+
+    def resolution_multiple(self, model: MainModel) -> int:
+        """Image sizes must be multiples of this: the main network halves its input three
+        times, after the VAE's own down-sampling."""
+        return 8 * model.vae_scale_factor
 
     def stock_pipeline(self, model: MainModel, side_network: nn.Module, scheduler):
         """diffusers' own pipeline for this model and side network, or ``None`` where the
@@ -169,9 +182,8 @@ class MainModel:
 
     @property
     def resolution_multiple(self) -> int:
-        """Image sizes must be multiples of this: the main network halves its input three
-        times, after the VAE's own down-sampling."""
-        return 8 * self.vae_scale_factor
+        """Image sizes must be multiples of this (the family's rule)."""
+        return self.family.resolution_multiple(self)
 
     def check_resolution(self, resolution: int, flag: str = "--resolution") -> None:
         """Refuse a size this model cannot take, naming the multiple it needs."""
@@ -180,7 +192,8 @@ class MainModel:
         if resolution % self.resolution_multiple:
             raise ConfigError(
                 f"{flag} {resolution} does not fit this model: give a positive multiple of "
-                f"{self.resolution_multiple}, the model's down-sampling factor."
+                f"{self.resolution_multiple} (the model's down-sampling factor; {resolution} is "
+                "not divisible by it)."
             )
 
     def null_context(self, batch: int, device=None, dtype=torch.float32) -> Context:

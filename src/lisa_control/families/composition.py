@@ -46,7 +46,9 @@ the conditions are independent given x_t, grad log p(c_1..c_N | x_t) = sum_i gra
 so the decoders' targets add up to the joint residual the summed residuals must produce, and a
 network trained this way carries the score that a separately trained LISA network would. The
 alternative, y(all) - y(all but i) for each i, is the network's current marginal effect in the
-model (a prediction, not a target) and costs N more main-network passes per step.
+model (a prediction, not a target) and costs N more main-network passes per step. With LISA on
+part of the batch (``batch_fraction``, ``subset``) every network's copy reads the same rows, the
+ones the first copy chooses, and the prior is computed once, for those rows (``prior_rows``).
 
 Saving
 ------
@@ -64,7 +66,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.branch import Context, DualBranch, Prediction
+from ..core.branch import Context, DualBranch, Prediction, take_rows
 from ..core.errors import ConfigError, ModelError
 
 # Names become module keys and folder names.
@@ -144,6 +146,28 @@ def add_residuals(total, more, names=("", "")):
     return tuple(summed) if isinstance(total, tuple) else summed
 
 
+def prediction_without_residuals(output, with_prior: bool, prior_rows=None) -> Prediction:
+    """The prediction of a main network run without residuals (no side network acting): the
+    output is its own prior, which ``with_prior`` returns for the batch rows ``prior_rows``
+    (None: every row)."""
+    if not with_prior:
+        return Prediction(output=output)
+    prior = take_rows(output.detach(), prior_rows, output.shape[0])
+    return Prediction(output=output, prior=prior, prior_rows=prior_rows)
+
+
+def check_composable(branch_class: type) -> None:
+    """Refuse a branch class without ``residuals`` and ``main_with`` (the video family's
+    branches: video side networks are not composed)."""
+    missing = [m for m in ("residuals", "main_with") if not hasattr(branch_class, m)]
+    if missing:
+        raise ModelError(
+            f"{branch_class.__name__} side networks cannot be composed (the branch has no "
+            f"{' or '.join(missing)}); composition takes image side networks (UNet ControlNet, "
+            "SD3, Flux, T2I-Adapter), and video side networks run one at a time."
+        )
+
+
 class SideNetworks(nn.ModuleDict):
     """The side networks of a :class:`ComposedBranch` by name, saved one folder each."""
 
@@ -172,7 +196,9 @@ class ComposedBranch(DualBranch):
             run, see the module docstring), one number or one per network.
 
     ``forward(x_t, t, context, conditions)`` takes the conditions as a sequence in network order
-    or a mapping name -> condition, each as its branch takes it.
+    or a mapping name -> condition, each as its branch takes it; ``with_prior=True`` (with
+    ``prior_rows``: for those batch rows only) adds the main network's prior, computed once.
+    Video side networks are refused (their branches have no ``residuals``/``main_with``).
     """
 
     def __init__(
@@ -191,6 +217,7 @@ class ComposedBranch(DualBranch):
             raise ConfigError("a composition needs at least one side network.")
         names = check_names(names)
         first = branches[0]
+        check_composable(type(first))
         for name, branch in zip(names, branches):
             if type(branch) is not type(first):
                 raise ModelError(
@@ -209,6 +236,7 @@ class ComposedBranch(DualBranch):
         # A plain list: the branches' modules are registered once, through main_network and
         # side_network.
         self._branches = branches
+        self.unbatched_context = first.unbatched_context
         self.names = names
         n = len(branches)
         self.conditioning_scale = per_network(conditioning_scale, n, "conditioning_scale")
@@ -232,6 +260,7 @@ class ComposedBranch(DualBranch):
             items = list(side_networks.items())
         else:
             items = [(str(k), net) for k, net in enumerate(side_networks)]
+        check_composable(branch_class)
         expected = branch_class.side_network_class
         for name, network in items:
             if not isinstance(network, expected):
@@ -310,6 +339,7 @@ class ComposedBranch(DualBranch):
         conditioning_scale=None,
         step_index: int | None = None,
         num_steps: int | None = None,
+        prior_rows: torch.Tensor | None = None,
     ) -> Prediction:
         conditions = self.conditions_in_order(condition)
         scales = self.scales_at(step_index, num_steps, conditioning_scale)
@@ -322,7 +352,9 @@ class ComposedBranch(DualBranch):
                 total, first = residuals, name
             else:
                 total = add_residuals(total, residuals, (first, name))
-        return self._branches[0].main_with(x_t, timesteps, context, total, with_prior=with_prior)
+        return self._branches[0].main_with(
+            x_t, timesteps, context, total, with_prior=with_prior, prior_rows=prior_rows
+        )
 
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:

@@ -39,7 +39,7 @@ class FrozenEncoders:
         pixel_values = pixel_values.to(self.device, self.dtype)
         if self.model.vae is None:
             return pixel_values
-        latents = self.model.vae.encode(pixel_values).latent_dist.sample()
+        latents = self.model.family.encode_images(self.model.vae, pixel_values)
         # SD3 / Flux VAEs shift their latents before scaling; SD's have no shift_factor.
         shift = getattr(self.model.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.model.vae.config.scaling_factor

@@ -45,6 +45,7 @@ from ..core.hooks import NetworkLayout, register_layout
 from ..core.objectives import PreconditionedFlowObjective
 from ..regularizers.token_decoders import TokenScoreDecoder
 from .base import Family, MainModel
+from .composition import prediction_without_residuals
 from .loading import load_pipeline_parts
 from .sd3 import null_text_context
 from .transformer_layers import (
@@ -193,6 +194,8 @@ class FluxControlNetBranch(DualBranch):
     """
 
     side_network_class = FluxControlNetModel
+    # Position ids are per sequence, not per sample: a prior on some rows keeps them whole.
+    unbatched_context = ("txt_ids", "img_ids")
 
     main_network: FluxTransformer2DModel
     side_network: FluxControlNetModel
@@ -306,13 +309,22 @@ class FluxControlNetBranch(DualBranch):
         return unpack_latents(tokens, *x_t.shape[-2:])
 
     def forward(
-        self, x_t, timesteps, context: Context, condition, with_prior=False, conditioning_scale=1.0
+        self,
+        x_t,
+        timesteps,
+        context: Context,
+        condition,
+        with_prior=False,
+        conditioning_scale=1.0,
+        prior_rows=None,
     ) -> Prediction:
         self.check_inputs(x_t, condition)
         residuals = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
         output = self._main(x_t, timesteps, context, residuals)
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
@@ -325,13 +337,18 @@ class FluxControlNetBranch(DualBranch):
         self.check_inputs(x_t, condition)
         return self.side_residuals(x_t, timesteps, context, condition, scale)
 
-    def main_with(self, x_t, timesteps, context: Context, residuals, with_prior=False):
-        """The transformer with the summed ``residuals`` (``None``: without any)."""
+    def main_with(
+        self, x_t, timesteps, context: Context, residuals, with_prior=False, prior_rows=None
+    ):
+        """The transformer with the summed ``residuals`` (``None``: without any), and the prior
+        of the batch rows ``prior_rows`` (None: every row) when asked."""
         output = self._main(x_t, timesteps, context, residuals or (None, None))
         if residuals is None:
-            return Prediction(output=output, prior=output if with_prior else None)
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+            return prediction_without_residuals(output, with_prior, prior_rows)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def default_lisa_layer(self) -> str:
         return middle_block_layer(self.side_network)
@@ -406,6 +423,27 @@ class FluxFamily(Family):
 
     def null_context(self, network, batch: int, device=None, dtype=torch.float32) -> Context:
         return null_text_context(network.config, batch, device, dtype)
+
+    def predict(self, network, x_t, timesteps, context: Context) -> torch.Tensor:
+        """The velocity of an image-shaped latent (B, C, H, W): packed into 2x2 tokens with
+        FluxPipeline's position ids, timesteps as s = t / 1000, the distilled guidance
+        (``context.extra["guidance"]``, default 3.5) where the transformer embeds it."""
+        height, width = x_t.shape[-2:]
+        device, dtype = x_t.device, network.dtype
+        ctx = context.to(dtype=dtype)
+        tokens = ctx.encoder_hidden_states
+        kwargs = dict(
+            encoder_hidden_states=tokens,
+            pooled_projections=ctx.extra["pooled_projections"],
+            timestep=(timesteps.float() / 1000).to(dtype),
+            txt_ids=ctx.extra.get("txt_ids", text_ids(tokens.shape[1], device, dtype)),
+            img_ids=latent_image_ids(height, width, device, dtype),
+        )
+        if network.config.get("guidance_embeds", False):
+            guidance = float(ctx.extra.get("guidance", 3.5))
+            kwargs["guidance"] = torch.full((x_t.shape[0],), guidance, device=device).to(dtype)
+        out = network(hidden_states=pack_latents(x_t).to(dtype), return_dict=False, **kwargs)[0]
+        return unpack_latents(out, height, width)
 
     def training_objective(
         self, model: MainModel, name: str, timestep_sampler=None, weighting=None

@@ -70,6 +70,7 @@ from ..core.branch import Context, DualBranch, Prediction
 from ..core.hooks import NetworkLayout, register_layout
 from ..regularizers.token_decoders import TokenScoreDecoder
 from .base import Family, MainModel
+from .composition import prediction_without_residuals
 from .loading import load_pipeline_parts
 from .transformer_layers import (
     controlnet_block_aliases,
@@ -240,13 +241,22 @@ class SD3ControlNetBranch(DualBranch):
         )[0]
 
     def forward(
-        self, x_t, timesteps, context: Context, condition, with_prior=False, conditioning_scale=1.0
+        self,
+        x_t,
+        timesteps,
+        context: Context,
+        condition,
+        with_prior=False,
+        conditioning_scale=1.0,
+        prior_rows=None,
     ) -> Prediction:
         self.check_condition(x_t, condition)
         residuals = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
         output = self._main(x_t, timesteps, context, residuals)
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
@@ -259,13 +269,18 @@ class SD3ControlNetBranch(DualBranch):
         self.check_condition(x_t, condition)
         return self.side_residuals(x_t, timesteps, context, condition, scale)
 
-    def main_with(self, x_t, timesteps, context: Context, residuals, with_prior=False):
-        """The transformer with the summed ``residuals`` (``None``: without any)."""
+    def main_with(
+        self, x_t, timesteps, context: Context, residuals, with_prior=False, prior_rows=None
+    ):
+        """The transformer with the summed ``residuals`` (``None``: without any), and the prior
+        of the batch rows ``prior_rows`` (None: every row) when asked."""
         output = self._main(x_t, timesteps, context, residuals)
         if residuals is None:
-            return Prediction(output=output, prior=output if with_prior else None)
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+            return prediction_without_residuals(output, with_prior, prior_rows)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def default_lisa_layer(self) -> str:
         return middle_block_layer(self.side_network)

@@ -30,6 +30,7 @@ from ..core.branch import Context, DualBranch, Prediction
 from ..core.errors import ConfigError, ModelError
 from ..core.hooks import NetworkLayout, register_layout, resolve_layer
 from ..regularizers.decoders import ScoreDecoder
+from .composition import prediction_without_residuals
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -206,13 +207,22 @@ class T2IAdapterBranch(DualBranch):
         )[0]
 
     def forward(
-        self, x_t, timesteps, context: Context, condition, with_prior=False, conditioning_scale=1.0
+        self,
+        x_t,
+        timesteps,
+        context: Context,
+        condition,
+        with_prior=False,
+        conditioning_scale=1.0,
+        prior_rows=None,
     ) -> Prediction:
         self.check_condition(x_t, condition)
         residuals = self.side_residuals(condition, conditioning_scale)
         output = self._main(x_t, timesteps, context, residuals)
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
@@ -225,13 +235,18 @@ class T2IAdapterBranch(DualBranch):
         self.check_condition(x_t, condition)
         return self.side_residuals(condition, scale)
 
-    def main_with(self, x_t, timesteps, context: Context, residuals, with_prior=False):
-        """The UNet with the summed features ``residuals`` (``None``: without any)."""
+    def main_with(
+        self, x_t, timesteps, context: Context, residuals, with_prior=False, prior_rows=None
+    ):
+        """The UNet with the summed features ``residuals`` (``None``: without any), and the
+        prior of the batch rows ``prior_rows`` (None: every row) when asked."""
         output = self._main(x_t, timesteps, context, residuals)
         if residuals is None:
-            return Prediction(output=output, prior=output if with_prior else None)
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+            return prediction_without_residuals(output, with_prior, prior_rows)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def default_lisa_layer(self) -> str:
         return default_adapter_layer(self.side_network)

@@ -20,6 +20,7 @@ from ..core.errors import ConfigError, ModelError
 from ..core.hooks import NetworkLayout, register_layout, resolve_layer, zero_projection_names
 from ..regularizers.decoders import ScoreDecoder, controlnet_feature_shape
 from . import unet_split
+from .composition import prediction_without_residuals
 from .base import Family, MainModel
 from .loading import check_weight_files
 from .t2i_adapter import T2IAdapterBranch
@@ -68,6 +69,10 @@ class UNetControlNetBranch(DualBranch):
         batched_prior: run the two up paths as one 2B-batch call (see
             ``unet_split.decode_with_prior``); needs ``shared_encoder_prior``. Equal up to the
             kernels' summation order; more backward work, so off unless a benchmark says so.
+
+    With ``prior_rows`` (k rows) the prior is computed for those rows only: the shared-encoder
+    path decodes the prior's up path on the k rows of the shared encoding (a B + k call when
+    batched), the full path runs the UNet on the k rows.
     """
 
     side_network_class = ControlNetModel
@@ -154,7 +159,14 @@ class UNetControlNetBranch(DualBranch):
         return down, mid
 
     def forward(
-        self, x_t, timesteps, context: Context, condition, with_prior=False, conditioning_scale=1.0
+        self,
+        x_t,
+        timesteps,
+        context: Context,
+        condition,
+        with_prior=False,
+        conditioning_scale=1.0,
+        prior_rows=None,
     ) -> Prediction:
         if condition.shape[1] != self.condition_channels:
             raise ModelError(
@@ -164,7 +176,7 @@ class UNetControlNetBranch(DualBranch):
             )
         if with_prior and self.shared_encoder_prior and self._can_share_encoder(x_t, context):
             return self._forward_shared_encoder(
-                x_t, timesteps, context, condition, conditioning_scale
+                x_t, timesteps, context, condition, conditioning_scale, prior_rows
             )
         down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
         main_dtype = self.main_network.dtype
@@ -176,8 +188,10 @@ class UNetControlNetBranch(DualBranch):
             return_dict=False,
             **self._main_kwargs(context, main_dtype),
         )[0]
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def _can_share_encoder(self, x_t, context: Context) -> bool:
         """Whether the split forward gives the full passes' results here.
@@ -200,9 +214,24 @@ class UNetControlNetBranch(DualBranch):
         return not any(p.requires_grad for p in main.parameters())
 
     def _forward_shared_encoder(
-        self, x_t, timesteps, context: Context, condition, conditioning_scale
+        self, x_t, timesteps, context: Context, condition, conditioning_scale, prior_rows=None
     ) -> Prediction:
+        return self._shared_encoder_pass(
+            x_t,
+            timesteps,
+            context,
+            lambda: self.side_residuals(x_t, timesteps, context, condition, conditioning_scale),
+            prior_rows,
+        )
+
+    def _shared_encoder_pass(
+        self, x_t, timesteps, context: Context, get_residuals, prior_rows=None
+    ) -> Prediction:
+        """The controlled prediction and the prior of ``prior_rows`` through one shared down
+        path; ``get_residuals()`` gives the (down, mid) residuals, asked for after the prior."""
         main_dtype = self.main_network.dtype
+        no_rows = prior_rows is not None and prior_rows.numel() == 0
+        batched = self.batched_prior and not no_rows
         with torch.no_grad():
             encoding = unet_split.encode(
                 self.main_network,
@@ -212,15 +241,21 @@ class UNetControlNetBranch(DualBranch):
             )
             # The prior first: its up-path activations are freed before the side network and the
             # controlled up path build their autograd graphs, which keeps the peak lower.
-            prior = None if self.batched_prior else unet_split.decode(self.main_network, encoding)
-        down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
+            prior = None
+            if not (batched or no_rows):
+                prior = unet_split.decode(self.main_network, encoding.select(prior_rows))
+        down, mid = get_residuals()
         down = [r.to(main_dtype) for r in down]
         mid = mid.to(main_dtype)
-        if self.batched_prior:
-            output, prior = unet_split.decode_with_prior(self.main_network, encoding, down, mid)
+        if batched:
+            output, prior = unet_split.decode_with_prior(
+                self.main_network, encoding, down, mid, prior_rows=prior_rows
+            )
         else:
             output = unet_split.decode(self.main_network, encoding, down, mid)
-        return Prediction(output=output, prior=prior)
+        if no_rows:
+            prior = output.detach().new_empty((0, *output.shape[1:]))
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     @torch.no_grad()
     def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
@@ -256,31 +291,22 @@ class UNetControlNetBranch(DualBranch):
         self.check_condition(x_t, condition)
         return self.side_residuals(x_t, timesteps, context, condition, scale)
 
-    def main_with(self, x_t, timesteps, context: Context, residuals, with_prior=False):
-        """The UNet with ``residuals`` (``None``: without any), and the prior when asked; the
-        prior shares the down path as in :meth:`forward`."""
-        main_dtype = self.main_network.dtype
+    def main_with(
+        self, x_t, timesteps, context: Context, residuals, with_prior=False, prior_rows=None
+    ):
+        """The UNet with ``residuals`` (``None``: without any), and the prior of the batch rows
+        ``prior_rows`` (None: every row) when asked; the prior shares the down path as in
+        :meth:`forward`."""
         if residuals is None:
             output = self.prior(x_t, timesteps, context)
-            return Prediction(output=output, prior=output if with_prior else None)
+            return prediction_without_residuals(output, with_prior, prior_rows)
+        main_dtype = self.main_network.dtype
         down = [r.to(main_dtype) for r in residuals[0]]
         mid = residuals[1].to(main_dtype)
         if with_prior and self.shared_encoder_prior and self._can_share_encoder(x_t, context):
-            with torch.no_grad():
-                encoding = unet_split.encode(
-                    self.main_network,
-                    x_t.to(main_dtype),
-                    timesteps,
-                    **self._main_kwargs(context, main_dtype),
-                )
-                prior = (
-                    None if self.batched_prior else unet_split.decode(self.main_network, encoding)
-                )
-            if self.batched_prior:
-                output, prior = unet_split.decode_with_prior(self.main_network, encoding, down, mid)
-            else:
-                output = unet_split.decode(self.main_network, encoding, down, mid)
-            return Prediction(output=output, prior=prior)
+            return self._shared_encoder_pass(
+                x_t, timesteps, context, lambda: (down, mid), prior_rows
+            )
         output = self.main_network(
             x_t.to(main_dtype),
             timesteps,
@@ -289,8 +315,10 @@ class UNetControlNetBranch(DualBranch):
             return_dict=False,
             **self._main_kwargs(context, main_dtype),
         )[0]
-        prior = self.prior(x_t, timesteps, context) if with_prior else None
-        return Prediction(output=output, prior=prior)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def lisa_decoder(self, layer: str, sample_size: int | None = None, **shape) -> ScoreDecoder:
         """A :class:`ScoreDecoder` from the feature at ``layer`` to the UNet's prediction."""

@@ -62,6 +62,25 @@ class UNetEncoding:
     def batch_size(self) -> int:
         return self.mid.shape[0]
 
+    def select(self, rows: torch.Tensor | None) -> UNetEncoding:
+        """The encoding of the batch rows ``rows`` alone (None: this encoding): every operation
+        of the up path acts per sample, so decoding it gives those rows of the full decode."""
+        if rows is None:
+            return self
+        return UNetEncoding(
+            emb=_rows(self.emb, rows),
+            encoder_hidden_states=_rows(self.encoder_hidden_states, rows),
+            skips=tuple(_rows(s, rows) for s in self.skips),
+            mid=_rows(self.mid, rows),
+            forward_upsample_size=self.forward_upsample_size,
+        )
+
+
+def _rows(value, rows: torch.Tensor):
+    if isinstance(value, tuple):  # IP-Adapter: (text context, image embeddings)
+        return tuple(_rows(v, rows) for v in value)
+    return value[rows.to(value.device)]
+
 
 def _check_unet(unet: torch.nn.Module) -> None:
     if not isinstance(unet, UNet2DConditionModel):
@@ -216,38 +235,43 @@ def decode_with_prior(
     encoding: UNetEncoding,
     down_block_additional_residuals: Sequence[torch.Tensor],
     mid_block_additional_residual: torch.Tensor,
+    prior_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(controlled, prior) from one up-path call on a 2B batch instead of two calls on B.
+    """(controlled, prior) from one up-path call on a 2B batch instead of two calls on B; with
+    ``prior_rows`` (k rows) a B + k batch whose prior part covers those rows only.
 
-    The prior half gets zero residuals; ``s + 0 == s`` exactly, so it is the plain skip. Every
+    The prior part gets zero residuals; ``s + 0 == s`` exactly, so it is the plain skip. Every
     up-path operation acts per sample (GroupNorm, convolutions, attention within a sample), so
-    each half equals its own B-batch call up to the kernels' summation order; the prior is
-    detached. Trade-off: one kernel launch per op instead of two, but autograd records the whole
-    2B pass, so the backward and the saved activations of the up path double (the prior half's
-    gradient is zero but still computed). Worth it only where the GPU is launch-bound.
+    each part equals its own call up to the kernels' summation order; the prior is detached.
+    Trade-off: one kernel launch per op instead of two, but autograd records the whole batch,
+    so the backward and the saved activations of the up path grow by the prior's rows (the
+    prior part's gradient is zero but still computed). Worth it only where the GPU is
+    launch-bound.
     """
     _check_unet(unet)
     _check_residuals(encoding, down_block_additional_residuals, mid_block_additional_residual)
+    prior_part = encoding.select(prior_rows)
     skips = tuple(
-        torch.cat([s + r, s]) for s, r in zip(encoding.skips, down_block_additional_residuals)
+        torch.cat([s + r, p])
+        for s, r, p in zip(encoding.skips, down_block_additional_residuals, prior_part.skips)
     )
-    sample = torch.cat([encoding.mid + mid_block_additional_residual, encoding.mid])
+    sample = torch.cat([encoding.mid + mid_block_additional_residual, prior_part.mid])
     out = _up_path(
         unet,
-        _repeat_twice(encoding.emb),
-        _repeat_twice(encoding.encoder_hidden_states),
+        _concat(encoding.emb, prior_part.emb),
+        _concat(encoding.encoder_hidden_states, prior_part.encoder_hidden_states),
         encoding.forward_upsample_size,
         sample,
         skips,
     )
-    controlled, prior = out.chunk(2)
-    return controlled, prior.detach()
+    batch = encoding.batch_size
+    return out[:batch], out[batch:].detach()
 
 
-def _repeat_twice(value):
+def _concat(value, more):
     if isinstance(value, tuple):  # IP-Adapter: (text context, image embeddings)
-        return tuple(_repeat_twice(v) for v in value)
-    return torch.cat([value, value])
+        return tuple(_concat(v, m) for v, m in zip(value, more))
+    return torch.cat([value, more])
 
 
 def _up_path(

@@ -1,9 +1,10 @@
 """The regularizer interface: an ``nn.Module`` holding its own trainable parameters (if any),
 that reads one training step's tensors and returns a loss to add to the objective's.
 
-The trainer knows nothing else about a regularizer: it asks ``needs_prior`` before the forward
-pass, sums ``loss(state)`` into the objective, hands ``parameters()`` to the optimizer (in a
-group of their own at ``learning_rate`` when that is set) and checks that it did with
+The trainer knows nothing else about a regularizer: it asks ``needs_prior`` and
+``prior_rows(noised)`` (the batch rows it needs the prior for) before the forward pass, sums
+``loss(state)`` into the objective, hands ``parameters()`` to the optimizer (in a group of
+their own when the run sets a rate for them by name) and checks that it did with
 ``check_optimizer``.
 """
 
@@ -27,6 +28,9 @@ class StepState:
     prediction: Prediction
     objective: Objective
     step: int = 0
+    # The batch rows this regularizer reads, as its ``prior_rows`` chose them; None: the rows
+    # the prediction's prior covers (``prediction.prior_rows``, every row when that is None).
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -38,9 +42,14 @@ class RegularizerOutput:
 class Regularizer(nn.Module):
     name: str = "regularizer"
     needs_prior: bool = False
-    # A head trained from zero (LISA's decoder) may need to move faster than a side network
-    # fine-tuned at lr 1e-5; None trains it at the side network's learning rate, as the papers do.
-    learning_rate: float | None = None
+
+    def prior_rows(
+        self, noised: NoisedBatch, generator: torch.Generator | None = None
+    ) -> torch.Tensor | None:
+        """The batch rows whose prior this regularizer reads at this step (ascending, without
+        repeats), or None for every row. Asked once per step, before the forward pass, only
+        when ``needs_prior``; ``generator`` is the step's, for a random choice."""
+        return None
 
     def loss(self, state: StepState) -> RegularizerOutput:
         raise NotImplementedError

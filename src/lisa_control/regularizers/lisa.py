@@ -10,6 +10,23 @@ reads the side network's feature h at one layer and is trained, with the side ne
 where y_target is the ordinary training target (noise, v or velocity). The target uses the
 ground-truth y_target rather than the controlled prediction, so it is the residual the side
 network *should* supply, available from step one. The decoder is dropped after training.
+
+On part of the batch
+--------------------
+The prior is the expensive part of L_LISA: the main network once more, without gradient (its up
+path alone with the UNet's shared encoder). The loss is a mean over the batch's rows i of a
+per-sample term l_i, so a subset S of k rows estimates it:
+
+    L_S = (1 / k) sum_{i in S} l_i,      E[L_S] = (1 / B) sum_i l_i   for S uniform of size k,
+
+and the prior and the decoder then run on those k rows only. ``subset="random"`` draws S
+uniformly (from the global torch RNG, which checkpoints save, or the step's generator);
+``"first"`` takes rows 0..k-1, the same estimate when the batch order is random, as the
+trainer's is. k = ceil(f B) for ``batch_fraction`` f. ``"timestep"`` takes the rows whose t lies
+in ``timestep_range``, where the decoder explains most of the target; it computes exactly the
+loss of ``timestep_range`` alone (a mean over the in-range rows) without a prior for the other
+rows, and with f < 1 keeps the first ceil(f B) of them (a uniform subset of the in-range rows
+when the batch order is random), so the prior never costs more than f of a full one.
 """
 
 from __future__ import annotations
@@ -21,12 +38,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoders import ScoreDecoder
+from ..core.branch import take_rows
 from ..core.errors import ConfigError
 from ..core.hooks import FeatureHook, default_layer, resolve_layer
 from .base import Regularizer, RegularizerOutput, StepState
 
 # Spaces the LISA residual can be matched in; all but "residual" name an Objective method.
 TARGETS = ("residual", "x0", "score")
+# How the rows that get a prior are chosen (see "On part of the batch" above).
+SUBSETS = ("first", "random", "timestep")
+
+
+def _check_batch_fraction(value) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 < value <= 1
+    ):
+        raise ConfigError(f"LISA batch fraction must be a number in (0, 1], got {value!r}.")
+
+
+def subset_size(fraction: float, batch_size: int) -> int:
+    """ceil(fraction * batch_size), at least 1 and at most the batch; products that miss an
+    integer by a rounding error (0.3 * 10) count as that integer."""
+    return min(batch_size, max(1, math.ceil(round(fraction * batch_size, 6))))
 
 
 def _check_weight(name: str, value) -> None:
@@ -64,9 +100,10 @@ class LikelihoodScoreAlignment(Regularizer):
             sized from a UNet ControlNet's config.
         optimizer_check_after: raise if the decoder holds gradients but was not updated for this
             many consecutive steps (the optimizer was not given its parameters).
-        learning_rate: train the decoder at this rate, in an optimizer group of its own
-            (``ControlTrainingStep.parameter_groups``); by default at the side network's, as
-            in the paper.
+        batch_fraction: f in (0, 1]: compute the prior, the decoder and the loss on ceil(f B)
+            rows of each batch (see the module docstring); 1, the default, uses every row.
+        subset: which rows: ``first`` (default), ``random`` or ``timestep`` (the rows in
+            ``timestep_range``, at most ceil(f B) of them; needs ``timestep_range``).
     """
 
     name = "lisa"
@@ -88,10 +125,19 @@ class LikelihoodScoreAlignment(Regularizer):
         feature_size: int | None = None,
         decoder: nn.Module | None = None,
         optimizer_check_after: int = 64,
-        learning_rate: float | None = None,
+        batch_fraction: float = 1.0,
+        subset: str = "first",
     ):
         super().__init__()
         _check_weight("weight", weight)
+        _check_batch_fraction(batch_fraction)
+        if subset not in SUBSETS:
+            raise ConfigError(f"LISA subset must be one of {', '.join(SUBSETS)}, got {subset!r}.")
+        if subset == "timestep" and timestep_range is None:
+            raise ConfigError(
+                "the LISA subset 'timestep' picks the rows in the timestep range: give one "
+                "(--lisa_timestep_range LO HI)."
+            )
         if final_weight is not None:
             _check_weight("final weight", final_weight)
         if final_weight is not None and (
@@ -114,7 +160,8 @@ class LikelihoodScoreAlignment(Regularizer):
         self.target = target
         self.distance = distance
         self.timestep_range = timestep_range
-        self.learning_rate = learning_rate
+        self.batch_fraction = float(batch_fraction)
+        self.subset = subset
         self.decoder = (
             decoder
             if decoder is not None
@@ -159,41 +206,87 @@ class LikelihoodScoreAlignment(Regularizer):
         progress = min(max(step, 0) / self.weight_decay_steps, 1.0)
         return self.weight + (self.final_weight - self.weight) * progress
 
-    def aux_target(self, state: StepState) -> torch.Tensor:
+    @property
+    def uses_subset(self) -> bool:
+        """Whether the loss reads part of the batch (``batch_fraction`` < 1 or the timestep
+        subset)."""
+        return self.batch_fraction < 1 or self.subset == "timestep"
+
+    def prior_rows(self, noised, generator: torch.Generator | None = None):
+        """The rows this step's loss reads (see the module docstring); None: every row."""
+        if not self.uses_subset:
+            return None
+        t = noised.timesteps
+        batch = noised.x_t.shape[0]
+        device = noised.x_t.device
+        k = subset_size(self.batch_fraction, batch)
+        if self.subset == "timestep":
+            lo, hi = self.timestep_range
+            t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+            rows = torch.nonzero((t >= lo) & (t < hi)).flatten().to(device)
+            return rows[:k]
+        if k >= batch:
+            return None
+        if self.subset == "first":
+            return torch.arange(k, device=device)
+        where = generator.device if generator is not None else "cpu"
+        rows = torch.randperm(batch, generator=generator, device=where)[:k]
+        return rows.sort().values.to(device)
+
+    def aux_target(self, state: StepState, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """stopgrad(y_target - y_prior) in the ``target`` space, for the batch rows ``rows``
+        (None: every row)."""
         if state.prediction.prior is None:
             raise RuntimeError(
                 "LISA needs the prior prediction: call the branch with with_prior=True."
             )
-        target, prior = state.noised.target.float(), state.prediction.prior.float()
+        noised = state.noised
+        batch = noised.x_t.shape[0]
+        target = take_rows(noised.target, rows, batch).float()
+        prior = state.prediction.prior_at(rows).float()
         if self.target != "residual":
             to_space = getattr(state.objective, self.target)  # objective.x0 or objective.score
-            x_t, t = state.noised.x_t, state.noised.timesteps
+            x_t, t = take_rows(noised.x_t, rows, batch), take_rows(noised.timesteps, rows, batch)
             target, prior = to_space(target, x_t, t), to_space(prior, x_t, t)
         return (target - prior).detach()
 
     def loss(self, state: StepState) -> RegularizerOutput:
         self._check_decoder_is_trained()
         feature = self._hook.pop()
-        target = self.aux_target(state)
-        decoded = self.decoder(feature, state.noised.timesteps).float()
+        rows = state.rows if state.rows is not None else state.prediction.prior_rows
+        timesteps = state.noised.timesteps
+        if rows is not None:
+            batch = state.noised.x_t.shape[0]
+            feature = feature[rows.to(feature.device)]
+            timesteps = take_rows(timesteps, rows, batch)
+        target = self.aux_target(state, rows)
+        decoded = self.decoder(feature, timesteps).float()
         if self.distance == "mse":
             per_sample = (decoded - target).pow(2).flatten(1).mean(1)
         else:
             cosine = F.cosine_similarity(decoded, target, dim=1, eps=1e-6)
             per_sample = (1 - cosine).flatten(1).mean(1)
-        target_norm = target.pow(2).mean()
-        if self.timestep_range is not None:
-            lo, hi = self.timestep_range
-            t = state.noised.timesteps.float()
-            mask = ((t >= lo) & (t < hi)).float()
-            aux = (per_sample * mask).sum() / mask.sum().clamp_min(1.0)
+        if rows is not None and rows.numel() == 0:
+            # No row to read: a zero loss that still reaches the decoder and the side network
+            # (zero gradients), so that DDP sees every parameter used.
+            aux = per_sample.sum()
+            target_norm = target.pow(2).sum()
         else:
-            aux = per_sample.mean()
+            target_norm = target.pow(2).mean()
+            if self.timestep_range is not None and self.subset != "timestep":
+                lo, hi = self.timestep_range
+                t = timesteps.float()
+                mask = ((t >= lo) & (t < hi)).float()
+                aux = (per_sample * mask).sum() / mask.sum().clamp_min(1.0)
+            else:
+                aux = per_sample.mean()
         logs = {
             "aux_loss": aux.detach(),
             "aux_target_norm": target_norm.detach(),
             "aux_loss_ratio": (aux.detach() / target_norm.detach().clamp_min(1e-12)),
         }
+        if self.uses_subset:
+            logs["aux_rows"] = aux.new_tensor(per_sample.shape[0])
         weight = self.weight_at(state.step)
         if self.final_weight is not None:
             logs["aux_weight"] = aux.new_tensor(weight)  # on aux's device: logs are all-reduced
@@ -234,4 +327,6 @@ def lisa_from_settings(branch, sample_size: int, settings) -> LikelihoodScoreAli
         final_weight=settings.get("lisa_final_weight"),
         weight_decay_steps=settings.get("lisa_weight_decay_steps", 0),
         timestep_range=tuple(timestep_range) if timestep_range else None,
+        batch_fraction=settings.get("lisa_batch_fraction", 1.0),
+        subset=settings.get("lisa_subset", "first"),
     )

@@ -3,9 +3,12 @@
 A branch with several side networks (``families.composition.ComposedBranch``) exposes them as
 ``side_branches`` (name -> the branch of that side network); :func:`build_regularizers` then
 builds each named regularizer once per side network and wraps the copies in a
-:class:`PerSideNetwork`. To the trainer it is one regularizer (its name, learning rate and
-checkpoint slot are the single-network ones); its loss is the sum of the copies' losses, and each
-copy's logs appear under its side network's name (``pose/aux_loss``, ``segmentation/aux_loss``).
+:class:`PerSideNetwork`. To the trainer it is one regularizer (its name, which selects its
+optimizer group and learning rate, and its checkpoint slot are the single-network ones); its loss
+is the sum of the copies' losses, and each copy's logs appear under its side network's name
+(``pose/aux_loss``, ``segmentation/aux_loss``). The copies share one choice of batch rows
+(``prior_rows``): the first copy that needs the prior makes it, once per step, so a random
+subset draws from the step's generator as a single regularizer does.
 """
 
 from __future__ import annotations
@@ -25,8 +28,15 @@ class PerSideNetwork(Regularizer):
         first = next(iter(parts.values()))
         self.name = first.name
         self.needs_prior = any(p.needs_prior for p in parts.values())
-        self.learning_rate = first.learning_rate
         self.parts = nn.ModuleDict(parts)
+
+    def prior_rows(self, noised, generator=None):
+        """The rows of the first copy that needs the prior; every copy reads those (the step
+        passes them on in ``StepState.rows``)."""
+        for part in self.parts.values():
+            if part.needs_prior:
+                return part.prior_rows(noised, generator=generator)
+        return None
 
     def loss(self, state: StepState) -> RegularizerOutput:
         total, logs = None, {}

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..core.errors import CheckpointError, ConfigError, DataError, ModelError
+from ..core.weighting import make_weighting
 from ..core.step import ControlTrainingStep
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -43,8 +44,12 @@ class Training:
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    # accelerate keeps one state per process and refuses a second run (a notebook, a benchmark,
+    # a test) another mixed precision; the process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -70,7 +75,8 @@ def build(cfg: TrainConfig, accelerator) -> Training:
     sample_size, condition_channels = data_shapes(model, dataset, resolution)
     branch = build_branch(cfg, model, condition_channels, getattr(dataset, "condition_names", ()))
     regularizers = build_regularizers(cfg, branch, sample_size)
-    objective = model.training_objective(cfg.prediction_type, cfg.timestep_sampler)
+    weighting = make_weighting(cfg.loss_weighting, cfg.snr_gamma, cfg.x0_weight_max)
+    objective = model.training_objective(cfg.prediction_type, cfg.timestep_sampler, weighting)
     step_module = ControlTrainingStep(branch, objective, regularizers)
     if cfg.torch_compile:
         compile_networks(cfg, branch, accelerator.print)
@@ -107,24 +113,47 @@ def build(cfg: TrainConfig, accelerator) -> Training:
 def load_model(cfg: TrainConfig):
     from ..families.loading import load_main_model
 
+    if cfg.pretrained_model_name_or_path is None and cfg.task:
+        import inspect
+
+        from ..data.tasks.registry import task_class
+
+        cls = task_class(cfg.task)
+        if cls is not None and "frames" in inspect.signature(cls.__init__).parameters:
+            raise ConfigError(
+                f"--task {cfg.task} needs --pretrained_model_name_or_path: no video main network "
+                "is shipped yet. Pass an AnimateDiff folder, or a UNetMotionModel folder saved "
+                "with lisa_control.families.loading.save_pixel_model."
+            )
     return load_main_model(
         cfg.pretrained_model_name_or_path, cfg.task, cfg.revision, cfg.variant, cfg.allow_pickle
     )
 
 
 def build_dataset(cfg: TrainConfig, model):
-    """(dataset, resolution): a task's renders or an image folder / hub dataset."""
+    """(dataset, resolution): a task's renders, an image folder / hub dataset, or for video
+    models a video folder / hub dataset."""
     resolution = cfg.resolution or model.resolution
+    if model.family.takes_video and not isinstance(cfg.conditioning_image_column, str):
+        raise ConfigError(
+            f"--conditioning_image_column {' '.join(cfg.conditioning_image_column)} trains one "
+            f"side network per condition, composed, but video side networks are not composed; "
+            f"{model.family.name} trains one, on --conditioning_video_column."
+        )
     task = cfg.task or (None if cfg.train_data_dir or cfg.dataset_name else model.task)
     if task:
         from ..data.multi import select_task_conditions
         from ..data.tasks import TaskDataset, get_task
 
-        task = get_task(task, resolution=resolution)
+        settings = {} if cfg.num_frames is None else {"frames": cfg.num_frames}
+        task = get_task(task, resolution=resolution, **settings)
+        check_task_fits_model(task, model)
         task = select_task_conditions(task, cfg.conditioning_image_column)
         return TaskDataset(task, size=cfg.task_train_size, seed=cfg.seed or 0), resolution
     if not (cfg.train_data_dir or cfg.dataset_name):
         raise ConfigError("no training data: pass --train_data_dir, --dataset_name or --task.")
+    if model.family.takes_video:
+        return build_video_dataset(cfg, model, resolution), resolution
     from ..data.folder import ControlDataset
 
     columns = {"conditioning_image_column": cfg.conditioning_image_column}
@@ -145,6 +174,38 @@ def build_dataset(cfg: TrainConfig, model):
         resolution_multiple=8 * model.vae_scale_factor // (8 if model.vae is None else 1),
     )
     return dataset, resolution
+
+
+def check_task_fits_model(task, model) -> None:
+    """Refuse a video task (one with ``frames``) for an image model and the reverse."""
+    video_task = getattr(task, "frames", None) is not None
+    if video_task != model.family.takes_video:
+        wants = "videos" if model.family.takes_video else "images"
+        raise ConfigError(
+            f"task {task.name!r} renders {'videos' if video_task else 'images'} but the main "
+            f"network ({model.family.name}) denoises {wants}; pick a task of its kind "
+            f"({'pose_video' if model.family.takes_video else 'pose, edges, ...'}) or another "
+            "model."
+        )
+
+
+def build_video_dataset(cfg: TrainConfig, model, resolution: int):
+    """Clips from a folder or hub dataset naming videos and condition videos."""
+    from ..data.video_folder import VideoControlDataset
+
+    return VideoControlDataset(
+        cfg.train_data_dir or cfg.dataset_name,
+        resolution=resolution,
+        num_frames=cfg.num_frames or 8,
+        video_column=cfg.video_column,
+        conditioning_video_column=cfg.conditioning_video_column,
+        caption_column=cfg.caption_column,
+        proportion_empty_prompts=cfg.proportion_empty_prompts,
+        seed=cfg.seed or 0,
+        max_samples=cfg.max_train_samples,
+        dataset_config_name=cfg.dataset_config_name,
+        resolution_multiple=8 * model.vae_scale_factor // (8 if model.vae is None else 1),
+    )
 
 
 def data_shapes(model, dataset, resolution: int) -> tuple[int, int]:

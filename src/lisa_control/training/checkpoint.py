@@ -163,19 +163,84 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def load_side_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The side network's weights; for several side networks (one sub-folder each, as a
-    composed branch saves them) every key is prefixed with its folder's name."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded, naming the file, or None.
+
+    Cheap: it reads the trainer state, each safetensors file's header (which also tells a
+    truncated file) and each ``.pt`` file's zip directory (at the end of the file, so a
+    truncated one has none); it does not read the tensors."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        read_trainer_state(path)
+    except CheckpointError:
+        return f"{STATE_FILE} is not readable JSON"
+    weights = [file for file, _ in side_weight_files(path)]
+    if not weights:
+        return f"{SIDE_DIR}/ holds no .safetensors weights"
+    for file in [*weights, path / REGULARIZERS_FILE]:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError: the file is unusable either way
+            return f"{file.relative_to(path)} cannot be read ({_reason(exc)})"
+    for file in [path / "optimizer.pt", path / "lr_scheduler.pt", *sorted(path.glob("rng_*.pt"))]:
+        try:
+            with zipfile.ZipFile(file) as archive:
+                archive.namelist()
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{file.name} cannot be read ({_reason(exc)})"
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
+
+
+def _damaged(path: Path, file: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is damaged: {file.relative_to(path)} cannot be read ({_reason(exc)}); "
+        "resume from an earlier checkpoint (--resume_from_checkpoint checkpoint-N) or delete "
+        "this one."
+    )
+
+
+def side_weight_files(path: Path) -> list[tuple[Path, str]]:
+    """(file, key prefix) of each side-network weights file of the checkpoint at ``path``: the
+    files of ``side_network/`` (prefix ""), else, for several side networks (one sub-folder
+    each, as a composed branch saves them), those of every sub-folder (prefix ``<name>.``)."""
     files = sorted((path / SIDE_DIR).glob("*.safetensors"))
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    if files:
+        return [(f, "") for f in files]
+    return [(f, f"{f.parent.name}.") for f in sorted((path / SIDE_DIR).glob("*/*.safetensors"))]
+
+
+def load_side_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The side network's weights; for several side networks every key is prefixed with its
+    folder's name (see :func:`side_weight_files`)."""
+    files = side_weight_files(path)
     if not files:
-        for f in sorted((path / SIDE_DIR).glob("*/*.safetensors")):
-            state.update({f"{f.parent.name}.{k}": v for k, v in load_file(str(f)).items()})
-    if not state:
         raise CheckpointError(f"{path / SIDE_DIR} holds no .safetensors weights.")
+    state: dict[str, torch.Tensor] = {}
+    for f, prefix in files:
+        state.update({f"{prefix}{k}": v for k, v in _load_safetensors(path, f).items()})
     return state
+
+
+def _load_safetensors(path: Path, file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # SafetensorError (not a RuntimeError), OSError
+        raise _damaged(path, file, exc) from None
+
+
+def _torch_load(path: Path, file: Path):
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as exc:  # truncated zip: RuntimeError or OSError, depending on the cut
+        raise _damaged(path, file, exc) from None
 
 
 def load_checkpoint(
@@ -189,17 +254,19 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore everything ``save_checkpoint`` wrote; returns the trainer state."""
     state = read_trainer_state(path)
+    side_weights = load_side_weights(path)
+    reg_weights = _load_safetensors(path, path / REGULARIZERS_FILE)
     try:
-        side_network.load_state_dict(load_side_weights(path))
-        regularizers.load_state_dict(load_file(str(path / REGULARIZERS_FILE)))
+        side_network.load_state_dict(side_weights)
+        regularizers.load_state_dict(reg_weights)
     except RuntimeError as exc:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model ({str(exc).splitlines()[0]}); resume with "
             "the configuration that wrote it, or start a new --output_dir."
         ) from None
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(_torch_load(path, path / "optimizer.pt"))
+    lr_scheduler.load_state_dict(_torch_load(path, path / "lr_scheduler.pt"))
     rng_file = path / f"rng_{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(_torch_load(path, rng_file))
     return state

@@ -13,26 +13,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
 import json
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-
-# Regularizer names in the order they are built, summed and checkpointed.
-REGULARIZERS = ("lisa", "layersync")
+from ..core.weighting import WEIGHTINGS
+from ..families import side_network_kinds
+from ..regularizers import REGULARIZERS
 
 
 def flag(
     default: Any = None,
     help: str | None = None,
-    choices: tuple | None = None,
+    choices: tuple | Callable[[], tuple] | None = None,
     fingerprint: bool = False,
     nargs: str | int | None = None,
 ):
-    """A config field: ``help`` for ``--help``, ``choices`` checked by :func:`validate`,
+    """A config field: ``help`` for ``--help``, ``choices`` checked by :func:`validate` (a
+    callable is asked when checking, so registries that grow after import are seen),
     ``fingerprint`` when a checkpoint must agree on it to be resumed (it defines the model, its
     data order or its loss), ``nargs`` to override the count the annotation implies."""
     metadata = {"help": help, "choices": choices, "fingerprint": fingerprint, "nargs": nargs}
@@ -70,8 +74,8 @@ class TrainConfig:
     # data
     task: str | None = flag(
         None,
-        "an embedded procedural task (pose, edges, segmentation, super_resolution, ...) instead "
-        "of a dataset",
+        "an embedded procedural task (pose, edges, segmentation, super_resolution, pose_video "
+        "for video models, ...) instead of a dataset",
         fingerprint=True,
     )
     dataset_name: str | None = flag(None, fingerprint=True)
@@ -89,18 +93,37 @@ class TrainConfig:
     task_train_size: int = flag(100_000)
     proportion_empty_prompts: float = flag(0.0)
     resolution: int | None = flag(None, fingerprint=True)
+    num_frames: int | None = flag(
+        None,
+        "frames per training clip of video models (AnimateDiff): default the task's (pose_video: "
+        "8), or 8 from a video folder",
+        fingerprint=True,
+    )
+    video_column: str = flag("video", "metadata column of the training videos (video models)")
+    conditioning_video_column: str = flag(
+        "conditioning_video", "metadata column of the condition videos (video models)"
+    )
     cache_latents: bool = flag(
         False, "encode each item's image and each caption text once and keep them in memory"
     )
     dataloader_num_workers: int = flag(0)
     # optimisation
     output_dir: str = flag("lisa-controlnet")
-    seed: int | None = flag(0, fingerprint=True)
+    overwrite_output_dir: bool = flag(
+        False,
+        "start afresh in an --output_dir that holds an earlier run, deleting that run's files "
+        "(checkpoints, logs, controlnet/, validation images, config.json; other files stay)",
+    )
+    seed: int | None = flag(0, "random seed, 0 <= seed < 2**32", fingerprint=True)
     train_batch_size: int = flag(4, fingerprint=True)
     gradient_accumulation_steps: int = flag(1, fingerprint=True)
-    num_train_epochs: int = flag(1)
+    num_train_epochs: int = flag(
+        1, "passes over the data (>= 1); --max_train_steps, when given, wins"
+    )
     max_train_steps: int | None = flag(None)
-    learning_rate: float = flag(5e-6)
+    learning_rate: float = flag(
+        5e-6, "AdamW learning rate, in (0, 1]: above 1 each step moves a weight by more than 1"
+    )
     scale_lr: bool = flag(False)
     lr_scheduler: str = flag("constant", choices=_LR_SCHEDULERS)
     lr_warmup_steps: int = flag(0)
@@ -110,7 +133,9 @@ class TrainConfig:
     adam_beta2: float = flag(0.999)
     adam_weight_decay: float = flag(1e-2)
     adam_epsilon: float = flag(1e-8)
-    max_grad_norm: float = flag(1.0)
+    max_grad_norm: float = flag(
+        1.0, "clip the gradient to this global norm (>= 0); 0 turns clipping off"
+    )
     use_8bit_adam: bool = flag(False)
     mixed_precision: str | None = flag(None, choices=(None, "no", "fp16", "bf16"))
     gradient_checkpointing: bool = flag(False)
@@ -131,6 +156,18 @@ class TrainConfig:
     prediction_type: str | None = flag(
         None, choices=(None, "epsilon", "v_prediction", "flow"), fingerprint=True
     )
+    loss_weighting: str = flag(
+        "none",
+        "weight the diffusion loss by noise level: none (the paper), x0 (the error of the "
+        "implied clean sample, capped by --x0_weight_max) or min_snr (Min-SNR-gamma, "
+        "--snr_gamma)",
+        choices=WEIGHTINGS,
+        fingerprint=True,
+    )
+    snr_gamma: float = flag(5.0, "gamma of --loss_weighting min_snr", fingerprint=True)
+    x0_weight_max: float = flag(
+        5.0, "cap of the per-sample weight of --loss_weighting x0", fingerprint=True
+    )
     on_nonfinite: str = flag(
         "stop",
         "on a NaN/Inf loss, or gradient under bf16/fp32 (fp16 overflows are the grad scaler's): "
@@ -143,9 +180,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = flag(None)
     side_network: str = flag(
         "controlnet",
-        "controlnet (default; UNet, SD3 and Flux main networks) or t2i_adapter (UNet main "
-        "networks)",
-        choices=("controlnet", "t2i_adapter"),
+        "controlnet (default; UNet, SD3, Flux and AnimateDiff main networks), t2i_adapter (UNet "
+        "main networks) or sparse_controlnet (SparseCtrl, AnimateDiff main networks)",
+        choices=lambda: tuple(side_network_kinds()),
         fingerprint=True,
     )
     # regularizers
@@ -153,7 +190,7 @@ class TrainConfig:
         "lisa",
         "lisa (default), none (plain ControlNet), layersync, or both: lisa layersync (also "
         "written lisa+layersync)",
-        choices=(*REGULARIZERS, "none"),
+        choices=lambda: (*REGULARIZERS, "none"),
         fingerprint=True,
         nargs="+",
     )
@@ -188,6 +225,21 @@ class TrainConfig:
         None,
         "train the LISA decoder at this learning rate instead of --learning_rate (default: the "
         "same, as in the paper)",
+        fingerprint=True,
+    )
+    lisa_batch_fraction: float = flag(
+        1.0,
+        "F in (0, 1]: compute the LISA prior, decoder and loss on ceil(F x batch) rows of each "
+        "batch, an unbiased estimate of the full loss at about F of the prior's cost (default "
+        "1: every row)",
+        fingerprint=True,
+    )
+    lisa_subset: str = flag(
+        "first",
+        "the rows --lisa_batch_fraction takes: first (default; the batch order is shuffled), "
+        "random, or timestep (the rows with t in --lisa_timestep_range, at most ceil(F x "
+        "batch) of them: that range's loss with a prior for those rows only)",
+        choices=("first", "random", "timestep"),
         fingerprint=True,
     )
     layersync_pairs: str | None = flag(None, fingerprint=True)
@@ -278,7 +330,7 @@ def _flag_type(f: dataclasses.Field):
 
 def _help(f: dataclasses.Field) -> str | None:
     """The field's help, or the values it takes when it has choices and no help."""
-    choices = [str(c) for c in f.metadata["choices"] or () if c is not None]
+    choices = [str(c) for c in field_choices(f) or () if c is not None]
     return f.metadata["help"] or (f"one of {', '.join(choices)}" if choices else None)
 
 
@@ -310,6 +362,9 @@ def build_parser(prog: str = "lisa train") -> argparse.ArgumentParser:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    problem = path_problem(path)
+    if problem:
+        raise ConfigError(f"config file {str(path)!r} {problem}.")
     if not path.is_file():
         raise ConfigError(
             f"config file {str(path)!r} does not exist; pass an existing YAML or TOML."
@@ -338,6 +393,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _check_key(key: str) -> None:
+    if not isinstance(key, str):
+        raise ConfigError(
+            f"config key {key!r} ({type(key).__name__}) is not a flag name; keys are the flag "
+            "names of `lisa train`, written as text."
+        )
     if key not in _FIELDS:
         close = difflib.get_close_matches(key, list(_FIELDS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -350,20 +410,103 @@ def make_config(overrides: dict[str, Any]) -> TrainConfig:
     """Build and validate a config from a mapping of flag names (file or CLI) to values."""
     for key in overrides:
         _check_key(key)
-    values = {}
-    for key, value in overrides.items():
-        kind = _flag_type(_FIELDS[key])
-        if value is not None and kind in (int, float) and not isinstance(value, bool):
-            try:
-                value = kind(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key} must be a number, got {value!r}.") from None
-        if kind == "list_str" and isinstance(value, str):
-            value = [value]
-        values[key] = value
+    values = {key: _coerce(key, value) for key, value in overrides.items()}
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
+
+
+_EXPECTED = {
+    int: "a whole number",
+    float: "a number",
+    str: "text",
+    "bool": "true or false",
+    "list_str": "text or a list of texts",
+    "list_float": "a list of two numbers",
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """``value`` as the type of field ``key``, or a one-line ConfigError naming the key and the
+    type it takes. Nothing is rounded or guessed: an int field takes whole numbers (2 or 2.0,
+    not 2.7 or true), a float field numbers (not true), a text field text, a bool field true or
+    false; numbers written as text ("5e-6", which YAML reads as text) are read as numbers. null
+    is kept for the fields whose default may be None."""
+    f = _FIELDS[key]
+    kind = _flag_type(f)
+    if f.metadata["nargs"] == "+" and kind is str:
+        kind = "list_str"  # a choice that takes several values (--regularizer lisa layersync)
+    if value is None:
+        if "None" in str(f.type):
+            return None
+        raise _type_error(key, kind, value)
+    if kind is int or kind is float:
+        number = _number(value)
+        if number is None:
+            raise _type_error(key, kind, value)
+        if kind is float:
+            try:
+                return float(number)
+            except OverflowError:  # an integer beyond float's range
+                raise _type_error(key, kind, value) from None
+        if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+            raise _type_error(key, kind, value)
+        return int(number)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(key, kind, value)
+        return value
+    if kind == "list_str":
+        if isinstance(value, str):
+            return [value] if _flag_type(f) == "list_str" else value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise _type_error(key, kind, value)
+    if kind == "list_float":
+        numbers = [_number(v) for v in value] if isinstance(value, (list, tuple)) else []
+        if len(numbers) != 2 or any(n is None for n in numbers):
+            raise _type_error(key, kind, value)
+        try:
+            return [float(n) for n in numbers]
+        except OverflowError:
+            raise _type_error(key, kind, value) from None
+    if not isinstance(value, str):
+        raise _type_error(key, kind, value)
+    return value
+
+
+def _number(value: Any) -> int | float | None:
+    """An int or float from a number or a number written as text; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                pass
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value
+    return None
+
+
+def _type_error(key: str, kind, value: Any) -> ConfigError:
+    try:
+        shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+    except ValueError:  # an int too long to print
+        shown = f"a {type(value).__name__} too long to show"
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    fix = {
+        int: f"write a whole number, e.g. {key}: 2",
+        float: f"write a number, e.g. {key}: 0.5",
+        "bool": f"write {key}: true or {key}: false",
+        "list_float": f"write two numbers, e.g. {key}: [0, 500]",
+        "list_str": f'write texts in quotes, e.g. {key}: ["..."]',
+    }.get(kind, f'write it in quotes, e.g. {key}: "..."')
+    return ConfigError(f"{key} must be {_EXPECTED[kind]}, got {shown}; {fix}.")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -374,9 +517,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return make_config({**file_values, **args})
 
 
+def field_choices(f: dataclasses.Field) -> tuple | None:
+    """The values a field takes, asking the registry when its choices are a callable."""
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
 def _check_choices(cfg: TrainConfig) -> None:
     for name, f in _FIELDS.items():
-        choices = f.metadata["choices"]
+        choices = field_choices(f)
         if choices is None:
             continue
         values = getattr(cfg, name).split("+") if name == "regularizer" else [getattr(cfg, name)]
@@ -393,6 +542,11 @@ def _check_choices(cfg: TrainConfig) -> None:
         )
 
 
+# Above this, one AdamW step moves a weight by more than 1 (its step is about lr per weight):
+# the run diverges or overflows. Every recipe this project knows uses 1e-6 .. 1e-2.
+MAX_LEARNING_RATE = 1.0
+
+
 def _check_numbers(cfg: TrainConfig) -> None:
     w = cfg.lisa_weight
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
@@ -402,6 +556,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
         "gradient_accumulation_steps",
         "checkpointing_steps",
         "logging_steps",
+        "num_train_epochs",
     ):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be >= 1, got {getattr(cfg, key)}.")
@@ -411,6 +566,24 @@ def _check_numbers(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and (value <= 0 or not math.isfinite(value)):
             raise ConfigError(f"--{key} must be a positive number, got {value}.")
+        if value is not None and value > MAX_LEARNING_RATE:
+            raise ConfigError(
+                f"--{key} {value:g} is above {MAX_LEARNING_RATE:g}: each AdamW step would move "
+                f"a weight by about that much and training would diverge; use e.g. 1e-5 .. 1e-3."
+            )
+    if math.isnan(cfg.max_grad_norm) or cfg.max_grad_norm < 0:
+        raise ConfigError(
+            f"--max_grad_norm must be >= 0 (0 turns clipping off), got {cfg.max_grad_norm}; "
+            "e.g. --max_grad_norm 1.0."
+        )
+    if cfg.seed is not None and not 0 <= cfg.seed < 2**32:
+        raise ConfigError(
+            f"--seed must be in 0 .. 2**32 - 1 (the range numpy and torch seed from), got "
+            f"{cfg.seed}; e.g. --seed 0."
+        )
+    f = cfg.lisa_batch_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise ConfigError(f"--lisa_batch_fraction must be a number in (0, 1], got {f!r}.")
     if not 0 <= cfg.proportion_empty_prompts <= 1:
         raise ConfigError("--proportion_empty_prompts must be in [0, 1].")
     if cfg.resolution is not None and cfg.resolution <= 0:
@@ -422,6 +595,24 @@ def _check_combinations(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--lisa_decoder_learning_rate is for the LISA decoder, but --regularizer is "
             f"{cfg.regularizer!r}; use --regularizer lisa (or lisa layersync), or drop the flag."
+        )
+    subset_flags = [
+        flag
+        for flag, value, default in (
+            ("--lisa_batch_fraction", cfg.lisa_batch_fraction, 1.0),
+            ("--lisa_subset", cfg.lisa_subset, "first"),
+        )
+        if value != default
+    ]
+    if subset_flags and "lisa" not in cfg.regularizer_names:
+        raise ConfigError(
+            f"{' and '.join(subset_flags)} choose the rows LISA reads, but --regularizer is "
+            f"{cfg.regularizer!r}; use --regularizer lisa (or lisa layersync), or drop them."
+        )
+    if cfg.lisa_subset == "timestep" and not cfg.lisa_timestep_range:
+        raise ConfigError(
+            "--lisa_subset timestep takes the rows with t in --lisa_timestep_range; give the "
+            "range too (e.g. --lisa_timestep_range 500 1000)."
         )
     sources = [s for s in (cfg.task, cfg.dataset_name, cfg.train_data_dir) if s]
     if len(sources) > 1:
@@ -435,11 +626,56 @@ def _check_combinations(cfg: TrainConfig) -> None:
                 "--validation_image and --validation_prompt must have the same count, or one "
                 "of them a single entry (as in diffusers' script)."
             )
+    _check_paths(cfg)
     output = Path(cfg.output_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(
             f"--output_dir {cfg.output_dir!r} is a file; give a directory path (it is created)."
         )
+    if cfg.overwrite_output_dir and cfg.resume_from_checkpoint:
+        raise ConfigError(
+            "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would "
+            "resume from; pass one of the two."
+        )
+
+
+_PATH_FLAGS = (
+    "pretrained_model_name_or_path",
+    "controlnet_model_name_or_path",
+    "train_data_dir",
+    "output_dir",
+    "resume_from_checkpoint",
+    "validation_image",
+)
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    """Paths the file system cannot take or follow, named as such instead of as missing."""
+    for key in _PATH_FLAGS:
+        values = getattr(cfg, key)
+        for value in values if isinstance(values, list) else [values]:
+            problem = None if value is None else path_problem(value)
+            if problem:
+                raise ConfigError(f"--{key} {value!r} {problem}.")
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be looked up: it holds a NUL character, is too long, or is a
+    symbolic link loop (following it leads back to itself); None when it exists or simply does
+    not."""
+    try:
+        os.stat(path)
+    except ValueError:
+        return "cannot be a file name (it holds a NUL character or invalid text); fix it"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return (
+                "is a symbolic link loop (following it leads back to itself); point it at a real "
+                "file or folder"
+            )
+        if err.errno == errno.ENAMETOOLONG:
+            return "is too long for the file system; use a shorter path"
+    return None
 
 
 def validate(cfg: TrainConfig) -> None:

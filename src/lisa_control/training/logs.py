@@ -10,6 +10,7 @@ Between flushes nothing here waits for the device.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Protocol
@@ -170,14 +171,27 @@ class LossRecorder:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines a killed run wrote after the checkpoint it is resumed from."""
+    """Drop log lines a killed run wrote after the checkpoint it is resumed from (all of them
+    for ``step`` 0). The file is replaced in one rename, so a kill while truncating leaves the
+    old or the new lines, never a part of them."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)  # an earlier truncation that a kill interrupted
     if not path.is_file():
         return
+    text = path.read_text()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by the kill
-    path.write_text("".join(line + "\n" for line in kept))
+    new = "".join(line + "\n" for line in kept)
+    if new == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

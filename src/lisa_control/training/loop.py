@@ -14,6 +14,7 @@ Gradient accumulation, mixed precision and DDP come from the ``accelerate.Accele
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -46,6 +47,8 @@ class Loop:
     computes the loss of one micro-batch at optimizer step ``step`` (counted from 0).
     ``on_nonfinite``: ``"stop"`` raises on a NaN/Inf loss term or gradient norm, ``"skip"``
     drops that step (the weights stay, the step is not counted), ``None`` checks nothing.
+    ``max_grad_norm``: the global norm gradients are clipped to; 0 (or None) turns clipping off
+    (the norm is still measured, for the non-finite check).
     """
 
     def __init__(
@@ -66,7 +69,8 @@ class Loop:
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.recorder = recorder
-        self.max_grad_norm = max_grad_norm
+        # Clipping to an infinite norm scales by 1: the norm is measured and nothing is clipped.
+        self.max_grad_norm = max_grad_norm or math.inf
         self.on_nonfinite = on_nonfinite
         self.callbacks = list(callbacks)
         self.params = [p for p in model.parameters() if p.requires_grad]

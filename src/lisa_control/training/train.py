@@ -3,7 +3,9 @@ shared loop with this command's callbacks (checkpoints, validation); then save t
 network as a diffusers folder.
 
 Writes ``output_dir/controlnet`` (the side network), ``checkpoint-N/``, ``loss_log.jsonl``,
-``validation.jsonl``, ``validation/step-N.png``, ``config.json`` and the tracker's logs.
+``validation.jsonl``, ``validation/step-N.png``, ``config.json`` and the tracker's logs. An
+output folder holding an earlier run is refused unless the run is resumed or
+``--overwrite_output_dir`` replaces it (``output_dir.py``), so a folder never mixes two runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from . import build as b
 from .config import TrainConfig
 from .logs import LossRecorder, start_tracker, training_sinks, truncate_log
 from .loop import Callback, Loop
+from .output_dir import check_output_dir, clear_run
 
 
 @dataclass
@@ -31,12 +34,20 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     t_start = time.perf_counter()
     output_dir = Path(cfg.output_dir)
+    check_output_dir(cfg)
     accelerator = b.make_accelerator(cfg)
     run = b.build(cfg, accelerator)
+    if cfg.overwrite_output_dir and accelerator.is_main_process:
+        clear_run(output_dir, cfg)
     start = b.resume(cfg, run, accelerator) if cfg.resume_from_checkpoint else 0
-    if start:
-        truncate_log(output_dir / "loss_log.jsonl", start)
-        truncate_log(output_dir / "validation.jsonl", start)
+    if cfg.resume_from_checkpoint:
+        # Drop what a killed run logged after the checkpoint: all of it when there is none.
+        if accelerator.is_main_process:
+            truncate_log(output_dir / "loss_log.jsonl", start)
+            truncate_log(output_dir / "validation.jsonl", start)
+        else:
+            truncate_log(output_dir / f"loss_log.rank{accelerator.process_index}.jsonl", start)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         settings = b.jsonable(asdict(cfg))

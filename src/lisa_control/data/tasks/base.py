@@ -25,8 +25,9 @@ TYPICAL_SHARE = 0.02
 
 @dataclass
 class TaskSample:
-    image: np.ndarray  # uint8 (H, W, 3)
-    condition: np.ndarray  # uint8 (H, W, C)
+    image: np.ndarray  # uint8 (H, W, 3); a video task's (F, H, W, 3)
+    # uint8 (H, W, C), a video task's (F, H, W, C); a task with several conditions: name -> one
+    condition: np.ndarray | dict[str, np.ndarray]
     caption: str
     meta: dict = field(default_factory=dict)  # what the metric needs beyond the condition
 
@@ -153,8 +154,9 @@ class ProceduralTask:
 
 
 def condition_tensor(condition: np.ndarray) -> torch.Tensor:
-    """A rendered condition (H, W, C) uint8 as the side network takes it: (C, H, W) in [0, 1]."""
-    return (torch.from_numpy(condition.astype(np.float32)).permute(2, 0, 1) / 255).contiguous()
+    """A rendered condition uint8 as the side network takes it, channels first in [0, 1]:
+    (H, W, C) -> (C, H, W), a video task's (F, H, W, C) -> (C, F, H, W)."""
+    return (torch.from_numpy(condition.astype(np.float32)).movedim(-1, 0) / 255).contiguous()
 
 
 class TaskDataset(Dataset):
@@ -187,7 +189,8 @@ class TaskDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         _, i = split_key(key)
         s = self.sample(i)
-        image = torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+        # Channels first: (H, W, C) -> (C, H, W); video tasks' (F, H, W, C) -> (C, F, H, W).
+        image = torch.from_numpy(s.image.astype(np.float32)).movedim(-1, 0) / 127.5 - 1
         if isinstance(s.condition, dict):  # several conditions: a mapping name -> tensor
             condition = {name: condition_tensor(c) for name, c in s.condition.items()}
         else:

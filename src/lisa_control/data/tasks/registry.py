@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from ...core.errors import ConfigError
 from .base import ProceduralTask
 
@@ -21,8 +23,21 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+def task_class(name: str) -> type[ProceduralTask] | None:
+    """The class registered as ``name`` (None if there is none), without building the task."""
+    return _TASKS.get(name)
+
+
 def get_task(name: str, resolution: int = 32, **kwargs) -> ProceduralTask:
-    """A new instance of the task called ``name`` at ``resolution`` pixels square."""
+    """A new instance of the task called ``name`` at ``resolution`` pixels square; ``kwargs``
+    are the task's own settings (``frames`` for video tasks)."""
     if name not in _TASKS:
         raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(available_tasks())}.")
+    accepted = inspect.signature(_TASKS[name].__init__).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"task {name!r} has no setting {', '.join(unknown)} (e.g. frames is for video tasks "
+            "such as pose_video)."
+        )
     return _TASKS[name](resolution=resolution, **kwargs)
