@@ -101,7 +101,9 @@ def _assert_valid_or_one_line(build):
         elif kind == "bool":
             assert type(value) is bool, (name, value)
         elif kind == "list_str":
-            assert isinstance(value, list) and all(isinstance(v, str) for v in value), name
+            # A field typed "str | list[str]" holds one name as a string, several as a list.
+            one = "str |" in str(f.type) and isinstance(value, str)
+            assert one or isinstance(value, list) and all(isinstance(v, str) for v in value), name
         elif kind == "list_float":
             assert len(value) == 2 and all(type(v) is float for v in value), (name, value)
         else:
