@@ -17,7 +17,7 @@ COMMANDS = {
     "sample": "generate with a trained side network",
     "eval": "sample a test split with a side network (or a run's checkpoints) and score it",
     "edit": "restore or edit images with a pretrained model (CODE, or SDEdit)",
-    "pretrain": "train a small main network from scratch on an embedded task",
+    "pretrain": "train a small main network from scratch on an embedded task or your images",
     "demo": "plain ControlNet vs LISA on the embedded pose task, with a report",
 }
 

@@ -1,4 +1,5 @@
-"""``lisa pretrain``: train a small pixel-space main network from scratch on a task's images.
+"""``lisa pretrain``: train a small pixel-space main network from scratch on a task's images or
+your own.
 
 This is how the project makes the frozen "foundation" networks its embedded default and
 benchmarks start from, since no pretrained model can be downloaded here. The network is a
@@ -6,6 +7,11 @@ diffusers ``UNet2DConditionModel`` (``--architecture unet``, DDPM eps or v objec
 ``SD3Transformer2DModel`` flow DiT (``--architecture dit``, rectified flow), conditioned on a
 constant null text context, so every ControlNet tool works on it unchanged. The images of several
 tasks can be mixed (``--task edges,segmentation``) to make one network serve them all.
+
+Instead of a task, ``--train_data_dir`` (a folder of images, with or without metadata.jsonl) or
+``--dataset_name`` (a Hugging Face dataset, or a folder ``datasets`` reads) trains on your own
+images, unconditionally. With ``--text_encoder`` (a CLIP text model folder) and
+``--caption_column`` the UNet learns the captions, and the saved model holds the text encoder.
 
 Writes ``output_dir/model`` (a folder ``lisa train --pretrained_model_name_or_path`` takes, EMA
 weights), ``loss_log.jsonl``, ``curve.jsonl`` (realism of samples vs step), ``samples/step-N.png``
@@ -21,7 +27,36 @@ from ..training.pretrain import pretrain
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, help="task name, or several joined by commas")
+    p.add_argument(
+        "--task", default=None, help="task name, or several joined by commas (or give data)"
+    )
+    p.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="a folder of your images: plain image files, or metadata.jsonl naming them",
+    )
+    p.add_argument(
+        "--dataset_name", default=None, help="a Hugging Face dataset, or a folder datasets reads"
+    )
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--image_column", default="image", help="the images' column in the data")
+    p.add_argument("--max_train_samples", type=int, default=None, help="use this many images")
+    p.add_argument(
+        "--text_encoder",
+        default=None,
+        help="a CLIP text model folder (with its tokenizer) to train on captions; it is saved "
+        "with the model",
+    )
+    p.add_argument(
+        "--caption_column", default=None, help="the captions' column (default: text); needs "
+        "--text_encoder"
+    )  # fmt: skip
+    p.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=None,
+        help="captions replaced by the empty one, for classifier-free guidance (default 0.1)",
+    )
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[48, 96, 96])
     p.add_argument("--layers_per_block", type=int, default=2)
@@ -36,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit_layers", type=int, default=6)
     p.add_argument("--dit_heads", type=int, default=4)
     p.add_argument("--dit_head_dim", type=int, default=32)
-    p.add_argument("--train_size", type=int, default=20_000, help="images rendered once")
+    p.add_argument(
+        "--train_size", type=int, default=20_000, help="task images rendered once (--task)"
+    )
     p.add_argument("--train_batch_size", type=int, default=128)
     p.add_argument("--max_train_steps", type=int, default=2000)
     p.add_argument("--learning_rate", type=float, default=3e-4)
@@ -52,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature_distance",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also score samples by the task-feature Fréchet distance (not Inception FID); "
-        "default: on with CUDA, off on CPU, where training its feature network takes minutes",
+        help="also score samples by the task-feature Fréchet distance (not Inception FID; "
+        "--task only); default: on with CUDA, off on CPU, where training its feature network "
+        "takes minutes",
     )
     p.add_argument("--feature_network_steps", type=int, default=1500)
     p.add_argument("--num_workers", type=int, default=0)

@@ -16,7 +16,9 @@ A local folder looks like diffusers' fill50k::
 
 with relative paths resolved against the folder. Anything else is handed to the optional
 ``datasets`` package: a hub name such as ``fusing/fill50k``, a folder written by
-``Dataset.save_to_disk``, or a folder of parquet / arrow files.
+``Dataset.save_to_disk``, or a folder of parquet / arrow files. A dataset that needs neither
+conditions nor captions (``conditioning_image_column=None, caption_column=None``, what ``lisa
+pretrain`` reads) may also be a plain folder of image files, without ``metadata.jsonl``.
 
 Random choices are drawn from generators seeded by the dataset seed, the key and the purpose, so
 they are the same in any DataLoader worker and in a resumed run. Caption choices (an empty prompt,
@@ -49,11 +51,13 @@ from .images import (
     same_aspect,
     size_problem,
     symlink_loop,
+    to_image_tensor,
     to_rgb,
 )
 from .sampler import split_key
 
 METADATA_FILE = "metadata.jsonl"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXAMPLE_LINE = (
     '{"image": "images/0.png", "conditioning_image": "conditions/0.png", "text": "a red car"}'
 )
@@ -178,7 +182,7 @@ class _MetadataRows:
         bar = tqdm(rows, desc="checking image files", unit="row", leave=False,
                    disable=len(rows) <= PROGRESS_ROWS)  # fmt: skip
         for row in bar:
-            record, where = self.rows[row], f"line {self.line_numbers[row]}"
+            record, where = self.rows[row], self._short_where(row)
             for column in [*image_columns, caption_column]:
                 if column is not None and column not in record:
                     problems.append(f"{where} has no '{column}' key; add it")
@@ -202,10 +206,46 @@ class _MetadataRows:
                 if headers[path]:
                     problems.append(f"{where}, column '{column}': {path}: {headers[path]}")
         if problems:
-            raise DataError(f"{self.path} has {len(problems)} problem(s): {_listing(problems)}")
+            raise DataError(f"{self.name} has {len(problems)} problem(s): {_listing(problems)}")
+
+    def _short_where(self, row: int) -> str:
+        return f"line {self.line_numbers[row]}"
 
     def image(self, value, *, role: str) -> Image.Image:
         return load_image(self.resolve(value), role=role)
+
+
+class _ImageFileRows(_MetadataRows):
+    """A folder of image files without ``metadata.jsonl`` (its sub-folders included, hidden
+    files left out), one row ``{"image": relative path}`` per file, in sorted order."""
+
+    def __init__(self, folder: Path, image_column: str = "image"):
+        self.folder = folder
+        self.path = folder
+        files = sorted(
+            p for p in folder.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )  # fmt: skip
+        self.rows = [{image_column: str(p.relative_to(folder))} for p in files]
+        self.line_numbers = list(range(1, len(files) + 1))
+
+    @property
+    def name(self) -> str:
+        return f"folder {self.folder}"
+
+    @property
+    def empty_fix(self) -> str:
+        return (
+            f"it holds no image files ({', '.join(IMAGE_SUFFIXES)}); pass the folder that holds "
+            "the training images"
+        )
+
+    def where(self, row: int) -> str:
+        return f"{self._short_where(row)} in {self.folder}"
+
+    def _short_where(self, row: int) -> str:
+        return f"file {next(iter(self.rows[row].values()))}"
 
 
 def _image_file_problem(path: Path, resolution: int | None) -> str | None:
@@ -331,8 +371,10 @@ def _has_table_files(folder: Path) -> bool:
     return any(next(folder.glob(p), None) for p in patterns)
 
 
-def _open_source(source, *, config_name, split, cache_dir):
-    """The row source for ``source``: a metadata folder, or a dataset ``datasets`` can load."""
+def _open_source(source, *, config_name, split, cache_dir, image_files_column=None):
+    """The row source for ``source``: a metadata folder, or a dataset ``datasets`` can load;
+    with ``image_files_column`` (a dataset of images alone), also a plain folder of image
+    files, whose rows name their file in that column."""
     path = Path(source).expanduser()
     hub = dict(config_name=config_name, split=split, cache_dir=cache_dir)
     if path.is_dir():
@@ -342,6 +384,8 @@ def _open_source(source, *, config_name, split, cache_dir):
             return _HubRows(str(path), from_disk=True, **hub)
         if _has_table_files(path):
             return _HubRows(str(path), from_disk=False, **hub)
+        if image_files_column is not None:
+            return _ImageFileRows(path, image_files_column)
         nested = sorted(path.glob(f"*/{METADATA_FILE}"))
         found = f" (found one in {nested[0].parent}; pass that folder)" if nested else ""
         raise DataError(
@@ -383,6 +427,9 @@ class ControlDataset(torch.utils.data.Dataset):
             ``resolution_multiple``.
         image_column, conditioning_image_column, caption_column: column names, diffusers'
             defaults. ``caption_column=None`` trains without captions (all "").
+            ``conditioning_image_column=None`` reads images alone: items have no
+            ``conditioning_pixel_values``, and with no captions either, ``source`` may be a
+            plain folder of image files.
         condition_channels: 3 (RGB) or 1 (luminance) channels of the condition tensor.
         proportion_empty_prompts: probability that an item's caption is replaced by "", drawn
             afresh for every (epoch, index).
@@ -427,9 +474,11 @@ class ControlDataset(torch.utils.data.Dataset):
         self.conditioning_image_column = conditioning_image_column
         self.caption_column = caption_column
 
+        images_alone = conditioning_image_column is None and caption_column is None
         self._source = _open_source(
-            source, config_name=dataset_config_name, split=split, cache_dir=cache_dir
-        )
+            source, config_name=dataset_config_name, split=split, cache_dir=cache_dir,
+            image_files_column=image_column if images_alone else None,
+        )  # fmt: skip
         if len(self._source) == 0:
             raise DataError(f"{self._source.name} has no rows; {self._source.empty_fix}")
         self._check_columns()
@@ -442,7 +491,8 @@ class ControlDataset(torch.utils.data.Dataset):
 
     @property
     def _image_columns(self) -> list[str]:
-        return [self.image_column, self.conditioning_image_column]
+        columns = [self.image_column, self.conditioning_image_column]
+        return [c for c in columns if c is not None]
 
     def _check_columns(self) -> None:
         present = self._source.columns()
@@ -524,6 +574,16 @@ class ControlDataset(torch.utils.data.Dataset):
         record = self._source.record(self._rows[index])
         caption = self._caption(record, index, epoch)
         image = self._image(record, index, self.image_column, "image")
+        if self.conditioning_image_column is None:
+            problem = size_problem(image.size, self.resolution)
+            if problem:
+                label = _file_label(record, self.image_column)
+                raise DataError(
+                    f"{self._where(index)}, column '{self.image_column}': {label}: {problem}"
+                )
+            crop_rng = self._rng(index, _CROP_STREAM) if self.random_crop else None
+            pixel_values = to_image_tensor(image, self.resolution, rng=crop_rng)
+            return {"pixel_values": pixel_values, "caption": caption, "index": index}
         condition = self._image(record, index, self.conditioning_image_column, "condition")
         if not same_aspect(image.size, condition.size):
             raise DataError(

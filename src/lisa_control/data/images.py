@@ -406,10 +406,13 @@ def pair_to_tensors(
     return _as_tensor(image) * 2.0 - 1.0, _as_tensor(condition)
 
 
-def to_image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """One RGB training image as (3, R, R) in [-1, 1]: shorter side to R, centre crop."""
+def to_image_tensor(
+    image: Image.Image, resolution: int, rng: np.random.Generator | None = None
+) -> torch.Tensor:
+    """One RGB training image as (3, R, R) in [-1, 1]: shorter side to R, centre crop (a random
+    one when ``rng`` is given)."""
     target = shorter_side_size(image.size, resolution)
-    square = image.resize(target, Image.BILINEAR).crop(crop_box(target, resolution))
+    square = image.resize(target, Image.BILINEAR).crop(crop_box(target, resolution, rng))
     return _as_tensor(to_channels(square, 3)) * 2.0 - 1.0
 
 

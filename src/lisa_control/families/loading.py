@@ -3,7 +3,9 @@ pixel-space model folder written by ``lisa pretrain``, or a tiny network shipped
 
 A pixel-space model folder holds ``lisa_model.json`` (family, task, resolution, objective), the
 network (``unet/`` for UNets, ``transformer/`` for the flow DiT) and ``scheduler/`` in diffusers
-layout; it has no VAE and no text encoder, and is conditioned on a constant null text context.
+layout; it has no VAE. Without a text encoder it is conditioned on a constant null text context;
+one trained on captions (``lisa pretrain --text_encoder``) also holds ``text_encoder/`` and
+``tokenizer/`` (a CLIP text model), named by ``"text_encoder"`` in ``lisa_model.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,41 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
+def load_clip_text_encoder(folder: Path, tokenizer_folder: Path | None = None, what: str = ""):
+    """(CLIP text model, its tokenizer) from ``folder`` (the tokenizer from ``tokenizer_folder``,
+    default the same folder); a folder that holds no CLIP text model is a one-line ModelError
+    naming ``what`` (e.g. the flag that passed it)."""
+    from transformers import AutoConfig, AutoTokenizer, CLIPTextModel
+
+    what = what or str(folder)
+    if not folder.is_dir():
+        raise ModelError(
+            f"{what} {str(folder)!r} {'is a file' if folder.exists() else 'does not exist'}; pass "
+            "a folder holding a CLIP text model (config.json, model.safetensors) and its tokenizer."
+        )
+    try:
+        model_type = AutoConfig.from_pretrained(folder).model_type
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"{what} {str(folder)!r} is not a CLIP text model folder ({_first_line(exc)})."
+        ) from None
+    if model_type != "clip_text_model":
+        raise ModelError(
+            f"{what} {str(folder)!r} holds a {model_type!r} model, not a CLIP text model "
+            "(model_type 'clip_text_model'), e.g. a Stable Diffusion folder's text_encoder/."
+        )
+    check_weight_files(folder, allow_pickle=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
+        text_encoder = CLIPTextModel.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(
+            f"cannot load the CLIP text model and tokenizer from {what} {str(folder)!r} "
+            f"({_first_line(exc)}); the folder needs the tokenizer's files next to the model's."
+        ) from None
+    return text_encoder, tokenizer
+
+
 def load_pixel_model(folder: Path, allow_pickle: bool = False) -> MainModel:
 
     meta = json.loads((folder / PIXEL_MODEL_FILE).read_text())
@@ -70,6 +107,11 @@ def load_pixel_model(folder: Path, allow_pickle: bool = False) -> MainModel:
     )
     scheduler = family.scheduler_class.from_pretrained(folder / "scheduler")
     objective = meta.get("objective") or scheduler.config.get("prediction_type", "epsilon")
+    text_encoder = tokenizer = None
+    if meta.get("text_encoder"):
+        text_encoder, tokenizer = load_clip_text_encoder(
+            folder / meta["text_encoder"], folder / meta.get("tokenizer", "tokenizer")
+        )
     return MainModel(
         main_network=network,
         scheduler=scheduler,
@@ -78,6 +120,8 @@ def load_pixel_model(folder: Path, allow_pickle: bool = False) -> MainModel:
         task=meta.get("task"),
         source=str(folder),
         objective=objective,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
     )
 
 
@@ -192,13 +236,26 @@ def load_side_network(name: str, allow_pickle: bool = False, model_cls=None):
 
 
 def save_pixel_model(
-    folder: Path, network, scheduler, resolution: int, task: str | None, **meta
+    folder: Path,
+    network,
+    scheduler,
+    resolution: int,
+    task: str | None,
+    text_encoder=None,
+    tokenizer=None,
+    **meta,
 ) -> None:
-    """Write a pixel-space main model folder (what ``lisa pretrain`` produces)."""
+    """Write a pixel-space main model folder (what ``lisa pretrain`` produces), with the CLIP
+    ``text_encoder`` and ``tokenizer`` the network was trained on captions with, when given."""
 
     family = family_of_network(network)
     folder.mkdir(parents=True, exist_ok=True)
     network.save_pretrained(folder / family.network_folder, safe_serialization=True)
     scheduler.save_pretrained(folder / "scheduler")
-    info = {"family": family.name, "resolution": resolution, "task": task, **meta}
+    info = {"family": family.name, "resolution": resolution, "task": task}
+    if text_encoder is not None:
+        text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        tokenizer.save_pretrained(folder / "tokenizer")
+        info |= {"text_encoder": "text_encoder", "tokenizer": "tokenizer"}
+    info |= meta
     (folder / PIXEL_MODEL_FILE).write_text(json.dumps(info, indent=2))

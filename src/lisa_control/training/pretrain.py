@@ -1,14 +1,22 @@
 """``lisa pretrain``'s library side: train a small pixel-space main network from scratch on
-task images, through the shared loop.
+task images or on the user's own images, through the shared loop.
 
 The network is a diffusers ``UNet2DConditionModel`` (DDPM eps or v objective) or a tiny
 ``SD3Transformer2DModel`` flow DiT (rectified flow), conditioned on a constant null context,
 so every ControlNet tool works on it unchanged. This module builds the network, the data
-(task renders, kept on the device), the step, an EMA of the weights and the sample grids and
-realism curve; :class:`~lisa_control.training.loop.Loop` does the optimization.
+(task renders, or the images of ``--train_data_dir`` / ``--dataset_name`` read once through
+:class:`~lisa_control.data.folder.ControlDataset`, kept on the device as uint8), the step, an
+EMA of the weights and the sample grids and realism curve;
+:class:`~lisa_control.training.loop.Loop` does the optimization.
+
+With ``--text_encoder`` (a CLIP text model folder) a UNet learns the user's captions instead:
+its cross-attention width is the encoder's hidden size, each batch's captions are encoded by
+the frozen encoder (replaced by the empty caption with probability
+``--proportion_empty_prompts``, for classifier-free guidance), and the saved folder holds the
+encoder and tokenizer, so ``lisa train`` and ``lisa sample`` prompt it.
 
 Writes ``output_dir/model`` (EMA weights, a folder ``lisa train --pretrained_model_name_or_path``
-takes), ``loss_log.jsonl``, ``curve.jsonl`` (realism of samples vs step),
+takes), ``loss_log.jsonl``, ``curve.jsonl`` (realism of samples vs step, for tasks),
 ``samples/step-N.png`` and ``training_curve.png``.
 """
 
@@ -18,12 +26,14 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..core.errors import ConfigError
+from ..core.branch import Context
+from ..core.errors import ConfigError, DataError
 from ..core.step import StepOutput
 from ..families import family_of_network
 from ..families.loading import save_pixel_model
@@ -50,8 +60,11 @@ def predict(network, x, t, context):
 
 
 @torch.no_grad()
-def sample_unconditional(network, scheduler, n, resolution, steps, seed, device) -> torch.Tensor:
-    """Samples of the main network alone, in [-1, 1] (DPM-Solver++, or Euler for flow)."""
+def sample_unconditional(
+    network, scheduler, n, resolution, steps, seed, device, context: Context | None = None
+) -> torch.Tensor:
+    """Samples of the main network alone, in [-1, 1] (DPM-Solver++, or Euler for flow), under
+    its null context or ``context`` (one row per sample)."""
     from ..eval.sampling import init_noise_sigma, scale_model_input
     from ..eval.validation import evaluation_scheduler
 
@@ -60,15 +73,17 @@ def sample_unconditional(network, scheduler, n, resolution, steps, seed, device)
     g = torch.Generator().manual_seed(seed)
     shape = (n, network.config.in_channels, resolution, resolution)
     x = torch.randn(shape, generator=g).to(device) * init_noise_sigma(sampler)
-    ctx = null_context(network, n, device)
+    ctx = context if context is not None else null_context(network, n, device)
     for t in sampler.timesteps:
         out = predict(network, scale_model_input(sampler, x, t), t, ctx)
         x = sampler.step(out.float(), t, x).prev_sample
     return x.clamp(-1, 1)
 
 
-def build_main_network(args):
-    """(network, scheduler, objective name) for ``--architecture``."""
+def build_main_network(args, cross_attention_dim: int | None = None):
+    """(network, scheduler, objective name) for ``--architecture``; a UNet attends to
+    ``cross_attention_dim``-wide text (a text encoder's hidden size), default
+    ``--cross_attention_dim``."""
     from diffusers import (
         DDPMScheduler,
         FlowMatchEulerDiscreteScheduler,
@@ -102,7 +117,7 @@ def build_main_network(args):
             in_channels=3,
             block_out_channels=tuple(args.block_out_channels),
             layers_per_block=args.layers_per_block,
-            cross_attention_dim=args.cross_attention_dim,
+            cross_attention_dim=cross_attention_dim or args.cross_attention_dim,
             attention_at_full_resolution=False,
         )
     )
@@ -167,9 +182,9 @@ def render_dataset(tasks, size: int, seed: int, num_workers: int) -> torch.Tenso
     return torch.cat(chunks)
 
 
-def image_batches(images, batch_size: int, seed: int, time_budget_s: float | None = None):
-    """Random batches of ``images`` in [-1, 1], drawn on the CPU from ``seed``; ends once
-    ``time_budget_s`` seconds have passed since the first batch."""
+def batch_indices(size: int, batch_size: int, seed: int, time_budget_s: float | None, device):
+    """Random index batches into ``size`` items, drawn on the CPU from ``seed`` and moved to
+    ``device``; ends once ``time_budget_s`` seconds have passed since the first batch."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     t0 = time.perf_counter()
     drawn = 0
@@ -177,14 +192,152 @@ def image_batches(images, batch_size: int, seed: int, time_budget_s: float | Non
         if time_budget_s and time.perf_counter() - t0 > time_budget_s:
             print(f"time budget reached at step {drawn}")
             return
-        idx = torch.randint(0, len(images), (batch_size,), generator=g).to(images.device)
+        idx = torch.randint(0, size, (batch_size,), generator=g).to(device)
         drawn += 1
+        yield idx
+
+
+def image_batches(images, batch_size: int, seed: int, time_budget_s: float | None = None):
+    """Random batches of ``images`` in [-1, 1], drawn on the CPU from ``seed``; ends once
+    ``time_budget_s`` seconds have passed since the first batch."""
+    for idx in batch_indices(len(images), batch_size, seed, time_budget_s, images.device):
         yield images[idx].float() / 127.5 - 1
+
+
+def captioned_batches(data: UserImages, batch_size: int, seed: int, proportion_empty: float,
+                      time_budget_s: float | None = None):  # fmt: skip
+    """Random (images in [-1, 1], encoded captions) batches of ``data``, each caption replaced
+    by the empty one with probability ``proportion_empty`` (drawn from ``seed + 1``)."""
+    images, ids = data.images, data.token_ids
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    for idx in batch_indices(len(images), batch_size, seed, time_budget_s, images.device):
+        empty = (torch.rand(batch_size, generator=g) < proportion_empty).to(images.device)
+        rows = torch.where(empty[:, None], data.empty_ids[None], ids[idx])
+        yield images[idx].float() / 127.5 - 1, data.encode(rows)
+
+
+@dataclass
+class UserImages:
+    """The user's training images (uint8, N x 3 x R x R, on the device) and, when captioned,
+    their captions' token ids (N x L), the empty caption's ids and the frozen CLIP encoder."""
+
+    images: torch.Tensor
+    captions: list[str] | None = None
+    token_ids: torch.Tensor | None = None
+    empty_ids: torch.Tensor | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: object | None = None
+
+    @torch.no_grad()
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """The encoder's last hidden states of token ids, as the main network is trained on."""
+        return self.text_encoder(ids, return_dict=False)[0].float()
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        return tok(
+            captions, max_length=tok.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+
+
+def load_text_encoder(args):
+    """(CLIP text model, tokenizer) from ``--text_encoder``: a folder holding both, or a Stable
+    Diffusion folder with ``text_encoder/`` and ``tokenizer/``."""
+    from ..families.loading import load_clip_text_encoder
+
+    folder = Path(args.text_encoder).expanduser()
+    if (folder / "text_encoder" / "config.json").is_file():
+        return load_clip_text_encoder(
+            folder / "text_encoder", folder / "tokenizer", what="--text_encoder"
+        )
+    return load_clip_text_encoder(folder, what="--text_encoder")
+
+
+def check_data_flags(args) -> None:
+    """One source of images (``--task``, ``--train_data_dir`` or ``--dataset_name``), and
+    caption flags only with user data and a text encoder."""
+    sources = [f for f in ("task", "train_data_dir", "dataset_name") if getattr(args, f, None)]
+    if len(sources) != 1:
+        named = " and ".join(f"--{f}" for f in sources)
+        raise ConfigError(
+            f"{named} exclude each other; pass one of them."
+            if sources
+            else "no training images: pass --task, --train_data_dir or --dataset_name."
+        )
+    if args.task:
+        for flag in ("text_encoder", "caption_column", "proportion_empty_prompts"):
+            if getattr(args, flag, None) is not None:
+                raise ConfigError(f"--{flag} needs --train_data_dir or --dataset_name, not --task.")
+        return
+    if args.feature_distance:
+        raise ConfigError(
+            "--feature_distance scores samples with a task's feature network; drop it when "
+            "training on --train_data_dir or --dataset_name."
+        )
+    if args.text_encoder is None:
+        for flag in ("caption_column", "proportion_empty_prompts"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(
+                    f"--{flag} needs --text_encoder (a CLIP text model folder) to encode the "
+                    "captions; pass one, or drop it to train unconditionally."
+                )
+    elif args.architecture != "unet":
+        raise ConfigError("captioned pretraining (--text_encoder) trains --architecture unet.")
+    share = args.proportion_empty_prompts
+    if share is not None and not 0.0 <= share <= 1.0:
+        raise ConfigError(
+            f"--proportion_empty_prompts must be a number in [0, 1], got {share}; e.g. 0.1 "
+            "drops one caption in ten"
+        )
+
+
+def read_user_images(args, device) -> UserImages:
+    """The images (and captions) of ``--train_data_dir`` / ``--dataset_name``, checked and
+    resized as :class:`ControlDataset` does, read once; every unreadable image is reported in
+    one DataError."""
+    from ..data.folder import ControlDataset
+
+    captioned = args.text_encoder is not None
+    dataset = ControlDataset(
+        args.train_data_dir or args.dataset_name,
+        resolution=args.resolution,
+        image_column=args.image_column,
+        conditioning_image_column=None,
+        caption_column=(args.caption_column or "text") if captioned else None,
+        seed=args.seed,
+        max_samples=args.max_train_samples,
+        resolution_multiple=1,
+        dataset_config_name=args.dataset_config_name,
+    )
+    # after the cheap checks of the data, before decoding it
+    text_encoder, tokenizer = load_text_encoder(args) if captioned else (None, None)
+    images, captions, problems = [], [], []
+    for index in range(len(dataset)):
+        try:
+            item = dataset[index]
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        images.append(((item["pixel_values"] + 1) * 127.5).round().to(torch.uint8))
+        captions.append(item["caption"])
+    if problems:
+        shown = " ".join(f"({k}) {p}" for k, p in enumerate(problems[:3], 1))
+        more = f" ... and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise DataError(f"{len(problems)} of {len(dataset)} images cannot be used: {shown}{more}")
+    data = UserImages(torch.stack(images).to(device))
+    if captioned:
+        data.captions, data.tokenizer = captions, tokenizer
+        data.text_encoder = text_encoder.requires_grad_(False).eval().to(device)
+        data.token_ids = data.tokenize(captions).to(device)
+        data.empty_ids = data.tokenize([""])[0].to(device)
+    return data
 
 
 class PretrainStep:
     """The loop's step function: the objective's loss of the main network under its null
-    context, plus the regularizer's (LayerSync) when there is one."""
+    context (or the batch's encoded captions), plus the regularizer's (LayerSync) when there is
+    one."""
 
     def __init__(self, network, objective, context, regularizer=None, bf16: bool = False):
         self.network, self.objective, self.context = network, objective, context
@@ -192,10 +345,15 @@ class PretrainStep:
         device = next(network.parameters()).device
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
-    def __call__(self, x0: torch.Tensor, step: int) -> StepOutput:
+    def __call__(self, batch, step: int) -> StepOutput:
+        """``batch``: images, or (images, encoded captions) for a network trained on text."""
+        if torch.is_tensor(batch):
+            x0, context = batch, self.context
+        else:
+            x0, context = batch[0], Context(encoder_hidden_states=batch[1])
         noised = self.objective.sample(x0)
         with self.autocast:
-            pred = predict(self.network, noised.x_t, noised.timesteps, self.context)
+            pred = predict(self.network, noised.x_t, noised.timesteps, context)
             loss = self.objective.loss(pred, noised)
             logs = {"diffusion_loss": loss.detach()}
             if self.regularizer is not None:
@@ -227,12 +385,16 @@ class EMA(Callback):
 
 class SampleGrids(Callback):
     """Every ``--sample_every`` steps and at the last step: sample the EMA network, score the
-    samples' realism (and feature distance) per task, write a grid and a curve point."""
+    samples' realism (and feature distance) per task, write a grid and a curve point.
+    ``context``: what the samples are conditioned on (the training captions' encodings for a
+    network trained on text), else the null context."""
 
-    def __init__(self, args, tasks, images, ema, scheduler, recorder, out: Path, distances):
+    def __init__(
+        self, args, tasks, images, ema, scheduler, recorder, out: Path, distances, context=None
+    ):
         self.args, self.tasks, self.images, self.ema = args, tasks, images, ema
         self.scheduler, self.recorder, self.distances = scheduler, recorder, distances
-        self.out = out
+        self.out, self.context = out, context
         self.t0 = time.perf_counter()
         self.last_sampled = None
         (out / "curve.jsonl").write_text("")
@@ -251,7 +413,7 @@ class SampleGrids(Callback):
         args, device = self.args, next(self.ema.parameters()).device
         samples = sample_unconditional(
             self.ema, self.scheduler, args.num_samples, args.resolution, args.sample_steps, 1234,
-            device,
+            device, self.context,
         )  # fmt: skip
         reference = self.images[: args.num_samples].float() / 127.5 - 1
         last = self.recorder.last
@@ -259,9 +421,10 @@ class SampleGrids(Callback):
             "step": step,
             "seconds": time.perf_counter() - self.t0,
             "loss": last["loss"] if last else None,
-            "realism": {t.name: t.realism(samples) for t in self.tasks},
-            "realism_of_training_images": {t.name: t.realism(reference) for t in self.tasks},
         }
+        if self.tasks:  # realism is a task's own measure; user images have none
+            point["realism"] = {t.name: t.realism(samples) for t in self.tasks}
+            point["realism_of_training_images"] = {t.name: t.realism(reference) for t in self.tasks}
         if self.distances:
             point["feature_distance"] = {name: fd(samples) for name, fd in self.distances.items()}
         JsonLines(self.out / "curve.jsonl").write([point])
@@ -301,14 +464,15 @@ def prepare_output(args) -> Path:
     return out
 
 
-def make_network(args, initial, device):
+def make_network(args, initial, device, cross_attention_dim: int | None = None):
     """(network in training mode on ``device``, scheduler, objective name, steps it was
-    trained before): ``initial`` (from :func:`load_initial_network`) or a new one."""
+    trained before): ``initial`` (from :func:`load_initial_network`) or a new one (attending
+    to ``cross_attention_dim``-wide text when given)."""
     if initial is not None:
         network, scheduler, objective, earlier_steps = initial
         print(f"continuing from {args.init_from} ({earlier_steps} steps)")
     else:
-        network, scheduler, objective = build_main_network(args)
+        network, scheduler, objective = build_main_network(args, cross_attention_dim)
         earlier_steps = 0
     return network.to(device).train(), scheduler, objective, earlier_steps
 
@@ -339,9 +503,10 @@ def make_optimizer(args, network):
     return optimizer, warmup
 
 
-def fit_network(args, network, step_fn, images, recorder, callbacks) -> int:
-    """Run the shared loop on ``network``; returns the steps done (fewer than
-    ``--max_train_steps`` when the time budget ran out)."""
+def fit_network(args, network, step_fn, images, recorder, callbacks, batches=None) -> int:
+    """Run the shared loop on ``network`` over ``batches`` (default: random batches of
+    ``images``); returns the steps done (fewer than ``--max_train_steps`` when the time budget
+    ran out)."""
     optimizer, warmup = make_optimizer(args, network)
     loop = Loop(
         recorder.accelerator,
@@ -354,7 +519,8 @@ def fit_network(args, network, step_fn, images, recorder, callbacks) -> int:
         on_nonfinite=None,  # no per-step host sync; a NaN shows in the loss log and curve
         callbacks=callbacks,
     )
-    batches = image_batches(images, args.train_batch_size, args.seed, args.time_budget_s)
+    if batches is None:
+        batches = image_batches(images, args.train_batch_size, args.seed, args.time_budget_s)
     return loop.run(batches, 0, args.max_train_steps)
 
 
@@ -378,8 +544,14 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = [n.strip() for n in args.task.split(",") if n.strip()]
+    check_data_flags(args)
+    names = [n.strip() for n in args.task.split(",") if n.strip()] if args.task else []
     tasks = [get_task(n, resolution=args.resolution) for n in names]
+    user = None
+    if not tasks:  # before the output folder, so bad data leaves nothing behind
+        t0 = time.perf_counter()
+        user = read_user_images(args, device)
+        print(f"read {len(user.images)} images in {time.perf_counter() - t0:.1f}s")
     out = prepare_output(args)
     if args.torch_compile:
         from .compilation import check_backend
@@ -387,10 +559,23 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
         check_backend(args.torch_compile_backend)
     # before rendering, so a wrong folder fails in seconds, not after minutes of rendering
     initial = load_initial_network(args) if args.init_from else None
-    t0 = time.perf_counter()
-    images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
-    print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
-    network, scheduler, objective, earlier_steps = make_network(args, initial, device)
+    captioned = user is not None and user.text_encoder is not None
+    if initial is not None and captioned:
+        width = initial[0].config.get("cross_attention_dim")
+        if width != user.text_encoder.config.hidden_size:
+            raise ConfigError(
+                f"--init_from {args.init_from!r} attends to {width}-wide text but the "
+                f"--text_encoder's hidden size is {user.text_encoder.config.hidden_size}; pass "
+                "the text encoder it was trained with."
+            )
+    if user is None:
+        t0 = time.perf_counter()
+        images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
+        print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
+    else:
+        images = user.images
+    text_width = user.text_encoder.config.hidden_size if captioned else None
+    network, scheduler, objective, earlier_steps = make_network(args, initial, device, text_width)
     ema = EMA(network, args.ema_decay)  # before LayerSync hooks the network
     step_fn = make_step(args, network, objective, scheduler, device)
     n_params = sum(p.numel() for p in network.parameters())
@@ -400,13 +585,31 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
 
         # after LayerSync's hooks, which keep their blocks eager
         print("torch.compile:", compile_blocks(network, args.torch_compile_backend))
-    distances = feature_distances(args, tasks, device)
+    distances = feature_distances(args, tasks, device) if tasks else {}
     recorder = loss_recorder(out, device)
-    grids = SampleGrids(args, tasks, images, ema.average, scheduler, recorder, out, distances)
-    steps = fit_network(args, network, step_fn, images, recorder, [ema, grids])
+    sample_context = None
+    if captioned:  # the first training captions, repeated up to --num_samples
+        rows = torch.arange(args.num_samples, device=device) % len(user.token_ids)
+        sample_context = Context(encoder_hidden_states=user.encode(user.token_ids[rows]))
+    grids = SampleGrids(
+        args, tasks, images, ema.average, scheduler, recorder, out, distances, sample_context
+    )
+    batches = None
+    if captioned:
+        proportion = 0.1 if args.proportion_empty_prompts is None else args.proportion_empty_prompts
+        batches = captioned_batches(
+            user, args.train_batch_size, args.seed, proportion, args.time_budget_s
+        )
+    steps = fit_network(args, network, step_fn, images, recorder, [ema, grids], batches)
     if step_fn.regularizer is not None:
         step_fn.regularizer.remove_hooks()
     model_dir = out / "model"
+    if user is None:
+        source = {"tasks": names}
+    else:
+        source = {"data": args.train_data_dir or args.dataset_name, "images": len(user.images)}
+        if captioned:
+            source["caption_column"] = args.caption_column or "text"
     dtype = torch.float16 if args.save_dtype == "fp16" else torch.float32
     save_pixel_model(
         model_dir,
@@ -414,7 +617,9 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
         scheduler,
         args.resolution,
         names[0] if len(names) == 1 else None,
-        tasks=names,
+        text_encoder=user.text_encoder.cpu() if captioned else None,
+        tokenizer=user.tokenizer if captioned else None,
+        **source,
         objective=objective,
         steps=earlier_steps + steps,
         parameters=n_params,
@@ -436,11 +641,12 @@ def plot_curve(out: Path) -> None:
 
     losses = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
     points = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    with_realism = bool(points) and "realism" in points[0]
     with_distance = bool(points) and "feature_distance" in points[0]
-    fig, axes = plt.subplots(
-        1, 3 if with_distance else 2, figsize=(15 if with_distance else 10, 3.5)
-    )
-    a, b = axes[0], axes[1]
+    panels = 1 + with_realism + with_distance
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+    axes = list(axes[0])
+    a = axes[0]
     steps = [r["step"] for r in losses]
     raw = torch.tensor([r["diffusion_loss"] for r in losses])
     k = max(1, len(raw) // 100)
@@ -448,13 +654,15 @@ def plot_curve(out: Path) -> None:
     a.plot(steps[k - 1 :: k][: len(smooth)], smooth.tolist())
     a.set_xlabel("step")
     a.set_ylabel("diffusion loss (mean of windows)")
-    for name in points[0]["realism"] if points else []:
-        b.plot([p["step"] for p in points], [p["realism"][name] for p in points], label=name)
-    b.set_xlabel("step")
-    b.set_ylabel("realism of samples")
-    b.legend()
+    if with_realism:
+        b = axes[1]
+        for name in points[0]["realism"]:
+            b.plot([p["step"] for p in points], [p["realism"][name] for p in points], label=name)
+        b.set_xlabel("step")
+        b.set_ylabel("realism of samples")
+        b.legend()
     if with_distance:
-        c = axes[2]
+        c = axes[-1]
         for name in points[0]["feature_distance"]:
             c.plot([p["step"] for p in points], [p["feature_distance"][name] for p in points])
         c.set_xlabel("step")
