@@ -221,3 +221,64 @@ class DualBranch(nn.Module):
     def save_side_network(self, path: str | Path) -> None:
         """Save the side network alone as a plain diffusers folder (safetensors)."""
         self.side_network.save_pretrained(str(path), safe_serialization=True)
+
+
+def prediction_without_residuals(output, with_prior: bool, prior_rows=None) -> Prediction:
+    """The prediction of a main network run without residuals (no side network acting): the
+    output is its own prior, which ``with_prior`` returns for the batch rows ``prior_rows``
+    (None: every row)."""
+    if not with_prior:
+        return Prediction(output=output)
+    prior = take_rows(output.detach(), prior_rows, output.shape[0])
+    return Prediction(output=output, prior=prior, prior_rows=prior_rows)
+
+
+class ResidualBranch(DualBranch):
+    """A dual branch whose side network returns residuals that the main network takes in one
+    call, so that
+
+        forward(x_t, t, c, cond) = main_with(x_t, t, c, residuals(x_t, t, c, cond))
+        prior(x_t, t, c)         = main_prediction(x_t, t, c, None)
+
+    A family implements ``residuals`` (checking its inputs) and ``main_prediction``; the prior
+    on a subset of rows, the composition of several side networks (``main_with`` with summed
+    residuals) and the no-residual case come from here.
+    """
+
+    def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
+        """The side network's residuals for ``condition``, times ``scale``."""
+        raise NotImplementedError
+
+    def main_prediction(self, x_t, timesteps, context: Context, residuals) -> torch.Tensor:
+        """The main network's prediction with ``residuals`` added (None: without any)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x_t,
+        timesteps,
+        context: Context,
+        condition,
+        with_prior: bool = False,
+        conditioning_scale: float = 1.0,
+        prior_rows: torch.Tensor | None = None,
+    ) -> Prediction:
+        residuals = self.residuals(x_t, timesteps, context, condition, conditioning_scale)
+        return self.main_with(x_t, timesteps, context, residuals, with_prior, prior_rows)
+
+    def main_with(
+        self, x_t, timesteps, context: Context, residuals, with_prior=False, prior_rows=None
+    ) -> Prediction:
+        """The main network with ``residuals`` (None: without any), and the prior of the batch
+        rows ``prior_rows`` (None: every row) when asked."""
+        output = self.main_prediction(x_t, timesteps, context, residuals)
+        if residuals is None:
+            return prediction_without_residuals(output, with_prior, prior_rows)
+        if not with_prior:
+            return Prediction(output=output)
+        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
+        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
+
+    @torch.no_grad()
+    def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
+        return self.main_prediction(x_t, timesteps, context, None)

@@ -146,16 +146,6 @@ def add_residuals(total, more, names=("", "")):
     return tuple(summed) if isinstance(total, tuple) else summed
 
 
-def prediction_without_residuals(output, with_prior: bool, prior_rows=None) -> Prediction:
-    """The prediction of a main network run without residuals (no side network acting): the
-    output is its own prior, which ``with_prior`` returns for the batch rows ``prior_rows``
-    (None: every row)."""
-    if not with_prior:
-        return Prediction(output=output)
-    prior = take_rows(output.detach(), prior_rows, output.shape[0])
-    return Prediction(output=output, prior=prior, prior_rows=prior_rows)
-
-
 def check_composable(branch_class: type) -> None:
     """Refuse a branch class without ``residuals`` and ``main_with`` (the video family's
     branches: video side networks are not composed)."""

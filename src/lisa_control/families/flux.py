@@ -40,12 +40,11 @@ from diffusers import (
 )
 
 from ..core.errors import ModelError
-from ..core.branch import Context, DualBranch, Prediction
+from ..core.branch import Context, ResidualBranch
 from ..core.hooks import NetworkLayout, register_layout
 from ..core.objectives import PreconditionedFlowObjective
 from ..regularizers.token_decoders import TokenScoreDecoder
 from .base import Family, MainModel
-from .composition import prediction_without_residuals
 from .loading import load_pipeline_parts
 from .sd3 import null_text_context
 from .transformer_layers import (
@@ -185,7 +184,7 @@ def check_side_fits_main(transformer: FluxTransformer2DModel, controlnet: FluxCo
             )
 
 
-class FluxControlNetBranch(DualBranch):
+class FluxControlNetBranch(ResidualBranch):
     """Frozen ``FluxTransformer2DModel`` + trainable ``FluxControlNetModel``, image-shaped I/O.
 
     ``context.encoder_hidden_states``: T5 tokens (B, L, joint_attention_dim);
@@ -293,9 +292,9 @@ class FluxControlNetBranch(DualBranch):
             **self._model_kwargs(side, x_t, timesteps, context),
         )
 
-    def _main(self, x_t, timesteps, context: Context, residuals=(None, None)) -> torch.Tensor:
+    def main_prediction(self, x_t, timesteps, context: Context, residuals=None) -> torch.Tensor:
         main = self.main_network
-        blocks, singles = residuals
+        blocks, singles = residuals or (None, None)
         tokens = main(
             hidden_states=pack_latents(x_t).to(main.dtype),
             controlnet_block_samples=None if blocks is None else [r.to(main.dtype) for r in blocks],
@@ -308,47 +307,12 @@ class FluxControlNetBranch(DualBranch):
         )[0]
         return unpack_latents(tokens, *x_t.shape[-2:])
 
-    def forward(
-        self,
-        x_t,
-        timesteps,
-        context: Context,
-        condition,
-        with_prior=False,
-        conditioning_scale=1.0,
-        prior_rows=None,
-    ) -> Prediction:
-        self.check_inputs(x_t, condition)
-        residuals = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
-        output = self._main(x_t, timesteps, context, residuals)
-        if not with_prior:
-            return Prediction(output=output)
-        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
-        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
-
-    @torch.no_grad()
-    def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
-        return self._main(x_t, timesteps, context)
-
-    # -- composition (``families/composition.py``)
+    # -- residuals: what ResidualBranch.forward and families/composition.py add to the main network
 
     def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
         """(double-block residuals, single-block residuals) of the ControlNet, times ``scale``."""
         self.check_inputs(x_t, condition)
         return self.side_residuals(x_t, timesteps, context, condition, scale)
-
-    def main_with(
-        self, x_t, timesteps, context: Context, residuals, with_prior=False, prior_rows=None
-    ):
-        """The transformer with the summed ``residuals`` (``None``: without any), and the prior
-        of the batch rows ``prior_rows`` (None: every row) when asked."""
-        output = self._main(x_t, timesteps, context, residuals or (None, None))
-        if residuals is None:
-            return prediction_without_residuals(output, with_prior, prior_rows)
-        if not with_prior:
-            return Prediction(output=output)
-        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
-        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def default_lisa_layer(self) -> str:
         return middle_block_layer(self.side_network)

@@ -66,11 +66,10 @@ from diffusers.configuration_utils import FrozenDict
 
 from ..core.errors import ConfigError, ModelError
 from ..core.objectives import PreconditionedFlowObjective
-from ..core.branch import Context, DualBranch, Prediction
+from ..core.branch import Context, ResidualBranch
 from ..core.hooks import NetworkLayout, register_layout
 from ..regularizers.token_decoders import TokenScoreDecoder
 from .base import Family, MainModel
-from .composition import prediction_without_residuals
 from .loading import load_pipeline_parts
 from .transformer_layers import (
     controlnet_block_aliases,
@@ -147,7 +146,7 @@ def check_side_fits_main(transformer: SD3Transformer2DModel, controlnet: SD3Cont
             )
 
 
-class SD3ControlNetBranch(DualBranch):
+class SD3ControlNetBranch(ResidualBranch):
     """Frozen ``SD3Transformer2DModel`` + trainable ``SD3ControlNetModel``.
 
     ``context.encoder_hidden_states``: the joint text tokens (B, L, joint_attention_dim);
@@ -226,7 +225,7 @@ class SD3ControlNetBranch(DualBranch):
             return_dict=False,
         )[0]
 
-    def _main(self, x_t, timesteps, context: Context, residuals=None) -> torch.Tensor:
+    def main_prediction(self, x_t, timesteps, context: Context, residuals=None) -> torch.Tensor:
         main = self.main_network
         ctx = context.to(dtype=main.dtype)
         return main(
@@ -240,47 +239,12 @@ class SD3ControlNetBranch(DualBranch):
             return_dict=False,
         )[0]
 
-    def forward(
-        self,
-        x_t,
-        timesteps,
-        context: Context,
-        condition,
-        with_prior=False,
-        conditioning_scale=1.0,
-        prior_rows=None,
-    ) -> Prediction:
-        self.check_condition(x_t, condition)
-        residuals = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
-        output = self._main(x_t, timesteps, context, residuals)
-        if not with_prior:
-            return Prediction(output=output)
-        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
-        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
-
-    @torch.no_grad()
-    def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
-        return self._main(x_t, timesteps, context)
-
-    # -- composition (``families/composition.py``)
+    # -- residuals: what ResidualBranch.forward and families/composition.py add to the main network
 
     def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
         """The ControlNet's block residuals, times ``scale``."""
         self.check_condition(x_t, condition)
         return self.side_residuals(x_t, timesteps, context, condition, scale)
-
-    def main_with(
-        self, x_t, timesteps, context: Context, residuals, with_prior=False, prior_rows=None
-    ):
-        """The transformer with the summed ``residuals`` (``None``: without any), and the prior
-        of the batch rows ``prior_rows`` (None: every row) when asked."""
-        output = self._main(x_t, timesteps, context, residuals)
-        if residuals is None:
-            return prediction_without_residuals(output, with_prior, prior_rows)
-        if not with_prior:
-            return Prediction(output=output)
-        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
-        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def default_lisa_layer(self) -> str:
         return middle_block_layer(self.side_network)

@@ -26,11 +26,10 @@ import re
 import torch
 from diffusers import T2IAdapter, UNet2DConditionModel
 
-from ..core.branch import Context, DualBranch, Prediction
+from ..core.branch import Context, ResidualBranch
 from ..core.errors import ConfigError, ModelError
 from ..core.hooks import NetworkLayout, register_layout, resolve_layer
 from ..regularizers.decoders import ScoreDecoder
-from .composition import prediction_without_residuals
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -126,7 +125,7 @@ def default_adapter_layer(adapter: T2IAdapter) -> str:
 # ----------------------------------------------------------------------------- branch
 
 
-class T2IAdapterBranch(DualBranch):
+class T2IAdapterBranch(ResidualBranch):
     """Frozen ``UNet2DConditionModel`` + trainable ``T2IAdapter``."""
 
     side_network_class = T2IAdapter
@@ -191,7 +190,7 @@ class T2IAdapterBranch(DualBranch):
         features = side(condition.to(side.dtype))
         return [feature * conditioning_scale for feature in features]
 
-    def _main(self, x_t, timesteps, context: Context, residuals=None) -> torch.Tensor:
+    def main_prediction(self, x_t, timesteps, context: Context, residuals=None) -> torch.Tensor:
         main = self.main_network
         ctx = context.to(dtype=main.dtype)
         return main(
@@ -206,47 +205,12 @@ class T2IAdapterBranch(DualBranch):
             return_dict=False,
         )[0]
 
-    def forward(
-        self,
-        x_t,
-        timesteps,
-        context: Context,
-        condition,
-        with_prior=False,
-        conditioning_scale=1.0,
-        prior_rows=None,
-    ) -> Prediction:
-        self.check_condition(x_t, condition)
-        residuals = self.side_residuals(condition, conditioning_scale)
-        output = self._main(x_t, timesteps, context, residuals)
-        if not with_prior:
-            return Prediction(output=output)
-        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
-        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
-
-    @torch.no_grad()
-    def prior(self, x_t, timesteps, context: Context) -> torch.Tensor:
-        return self._main(x_t, timesteps, context)
-
-    # -- composition (``families/composition.py``)
+    # -- residuals: what ResidualBranch.forward and families/composition.py add to the main network
 
     def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
         """The adapter's features times ``scale`` (they depend on the condition alone)."""
         self.check_condition(x_t, condition)
         return self.side_residuals(condition, scale)
-
-    def main_with(
-        self, x_t, timesteps, context: Context, residuals, with_prior=False, prior_rows=None
-    ):
-        """The UNet with the summed features ``residuals`` (``None``: without any), and the
-        prior of the batch rows ``prior_rows`` (None: every row) when asked."""
-        output = self._main(x_t, timesteps, context, residuals)
-        if residuals is None:
-            return prediction_without_residuals(output, with_prior, prior_rows)
-        if not with_prior:
-            return Prediction(output=output)
-        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
-        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
 
     def default_lisa_layer(self) -> str:
         return default_adapter_layer(self.side_network)

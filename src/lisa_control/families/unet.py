@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
-from ..core.branch import Context, DualBranch, Prediction
+from ..core.branch import Context, DualBranch, Prediction, prediction_without_residuals
 from ..core.errors import ConfigError, ModelError
 from ..core.hooks import NetworkLayout, register_layout, resolve_layer, zero_projection_names
 from ..regularizers.decoders import ScoreDecoder, controlnet_feature_shape
 from . import unet_split
-from .composition import prediction_without_residuals
 from .base import Family, MainModel
 from .loading import check_weight_files
 from .t2i_adapter import T2IAdapterBranch
