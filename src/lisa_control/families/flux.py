@@ -307,7 +307,7 @@ class FluxControlNetBranch(ResidualBranch):
         )[0]
         return unpack_latents(tokens, *x_t.shape[-2:])
 
-    # -- residuals: what ResidualBranch.forward and families/composition.py add to the main network
+    # -- residuals: what ResidualBranch.forward and composition add to the main network
 
     def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
         """(double-block residuals, single-block residuals) of the ControlNet, times ``scale``."""

@@ -239,7 +239,7 @@ class SD3ControlNetBranch(ResidualBranch):
             return_dict=False,
         )[0]
 
-    # -- residuals: what ResidualBranch.forward and families/composition.py add to the main network
+    # -- residuals: what ResidualBranch.forward and composition add to the main network
 
     def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
         """The ControlNet's block residuals, times ``scale``."""
@@ -279,7 +279,9 @@ def null_text_context(config, batch_size: int, device=None, dtype=torch.float32)
 
 register_layout(
     SD3Transformer2DModel,
-    NetworkLayout(blocks=transformer_stack("transformer_blocks"), heavy_blocks=("transformer_blocks",)),
+    NetworkLayout(
+        blocks=transformer_stack("transformer_blocks"), heavy_blocks=("transformer_blocks",)
+    ),
 )
 register_layout(
     SD3ControlNetModel,

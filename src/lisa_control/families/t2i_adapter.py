@@ -205,7 +205,7 @@ class T2IAdapterBranch(ResidualBranch):
             return_dict=False,
         )[0]
 
-    # -- residuals: what ResidualBranch.forward and families/composition.py add to the main network
+    # -- residuals: what ResidualBranch.forward and composition add to the main network
 
     def residuals(self, x_t, timesteps, context: Context, condition, scale=1.0):
         """The adapter's features times ``scale`` (they depend on the condition alone)."""
