@@ -50,7 +50,7 @@ def tiny_unet(
 
     With ``attention_at_full_resolution=False`` the first block has no attention (SDXL's choice):
     at pixel resolution, self-attention over every pixel dominates the cost of a small UNet
-    (about 5x slower at 32 x 32) and the lower levels see the whole image anyway.
+    (far slower at 32 x 32) and the lower levels see the whole image anyway.
     """
     n = len(block_out_channels)
     down = ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]
