@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="captions replaced by the empty one, for classifier-free guidance (default 0.1)",
     )
+    _network_arguments(p)
+    _training_arguments(p)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output_dir", required=True)
+    return p
+
+
+def _network_arguments(p) -> None:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[48, 96, 96])
     p.add_argument("--layers_per_block", type=int, default=2)
@@ -71,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit_layers", type=int, default=6)
     p.add_argument("--dit_heads", type=int, default=4)
     p.add_argument("--dit_head_dim", type=int, default=32)
+
+
+def _training_arguments(p) -> None:
     p.add_argument(
         "--train_size", type=int, default=20_000, help="task images rendered once (--task)"
     )
@@ -115,9 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the network's blocks (GPU; the first steps take longer)",
     )
     p.add_argument("--torch_compile_backend", default="inductor")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output_dir", required=True)
-    return p
 
 
 def _argv_of(args: argparse.Namespace) -> list[str]:

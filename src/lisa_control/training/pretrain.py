@@ -540,34 +540,10 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
     """Train a main network as ``args`` (the flags of ``lisa pretrain``) say; returns the saved
     model folder. ``command``, the command line that reproduces the run, goes into the model's
     metadata."""
-    from ..data.tasks import get_task
-
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    check_data_flags(args)
-    names = [n.strip() for n in args.task.split(",") if n.strip()] if args.task else []
-    tasks = [get_task(n, resolution=args.resolution) for n in names]
-    user = None
-    if not tasks:  # before the output folder, so bad data leaves nothing behind
-        t0 = time.perf_counter()
-        user = read_user_images(args, device)
-        print(f"read {len(user.images)} images in {time.perf_counter() - t0:.1f}s")
-    out = prepare_output(args)
-    if args.torch_compile:
-        from .compilation import check_backend
-
-        check_backend(args.torch_compile_backend)
-    # before rendering, so a wrong folder fails in seconds, not after minutes of rendering
-    initial = load_initial_network(args) if args.init_from else None
+    names, tasks, user, out, initial = _check_and_prepare(args, device)
     captioned = user is not None and user.text_encoder is not None
-    if initial is not None and captioned:
-        width = initial[0].config.get("cross_attention_dim")
-        if width != user.text_encoder.config.hidden_size:
-            raise ConfigError(
-                f"--init_from {args.init_from!r} attends to {width}-wide text but the "
-                f"--text_encoder's hidden size is {user.text_encoder.config.hidden_size}; pass "
-                "the text encoder it was trained with."
-            )
     if user is None:
         t0 = time.perf_counter()
         images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
@@ -587,23 +563,69 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
         print("torch.compile:", compile_blocks(network, args.torch_compile_backend))
     distances = feature_distances(args, tasks, device) if tasks else {}
     recorder = loss_recorder(out, device)
-    sample_context = None
-    if captioned:  # the first training captions, repeated up to --num_samples
+    sample_context, batches = None, None
+    if captioned:  # samples from the first training captions, repeated up to --num_samples
         rows = torch.arange(args.num_samples, device=device) % len(user.token_ids)
         sample_context = Context(encoder_hidden_states=user.encode(user.token_ids[rows]))
-    grids = SampleGrids(
-        args, tasks, images, ema.average, scheduler, recorder, out, distances, sample_context
-    )
-    batches = None
-    if captioned:
         proportion = 0.1 if args.proportion_empty_prompts is None else args.proportion_empty_prompts
         batches = captioned_batches(
             user, args.train_batch_size, args.seed, proportion, args.time_budget_s
         )
+    grids = SampleGrids(
+        args, tasks, images, ema.average, scheduler, recorder, out, distances, sample_context
+    )
     steps = fit_network(args, network, step_fn, images, recorder, [ema, grids], batches)
     if step_fn.regularizer is not None:
         step_fn.regularizer.remove_hooks()
     model_dir = out / "model"
+    metadata = dict(
+        objective=objective,
+        steps=earlier_steps + steps,
+        parameters=n_params,
+        initialized_from=args.init_from,
+        command=command,
+    )
+    _save_model(args, model_dir, ema, scheduler, names, user, metadata)
+    plot_curve(out)
+    print(f"saved main network to {model_dir}")
+    return model_dir
+
+
+def _check_and_prepare(args, device):
+    """(task names, tasks, the user's images or None, the output folder, the network to start
+    from or None), every flag checked before anything is written or rendered."""
+    from ..data.tasks import get_task
+
+    check_data_flags(args)
+    names = [n.strip() for n in args.task.split(",") if n.strip()] if args.task else []
+    tasks = [get_task(n, resolution=args.resolution) for n in names]
+    user = None
+    if not tasks:  # before the output folder, so bad data leaves nothing behind
+        t0 = time.perf_counter()
+        user = read_user_images(args, device)
+        print(f"read {len(user.images)} images in {time.perf_counter() - t0:.1f}s")
+    out = prepare_output(args)
+    if args.torch_compile:
+        from .compilation import check_backend
+
+        check_backend(args.torch_compile_backend)
+    # before rendering, so a wrong folder fails in seconds, not after minutes of rendering
+    initial = load_initial_network(args) if args.init_from else None
+    if initial is not None and user is not None and user.text_encoder is not None:
+        width = initial[0].config.get("cross_attention_dim")
+        if width != user.text_encoder.config.hidden_size:
+            raise ConfigError(
+                f"--init_from {args.init_from!r} attends to {width}-wide text but the "
+                f"--text_encoder's hidden size is {user.text_encoder.config.hidden_size}; pass "
+                "the text encoder it was trained with."
+            )
+    return names, tasks, user, out, initial
+
+
+def _save_model(args, model_dir, ema, scheduler, names, user, metadata) -> None:
+    """The EMA network as a `lisa pretrain` model folder, with the text encoder it was trained
+    with and where its images came from."""
+    captioned = user is not None and user.text_encoder is not None
     if user is None:
         source = {"tasks": names}
     else:
@@ -620,15 +642,8 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
         text_encoder=user.text_encoder.cpu() if captioned else None,
         tokenizer=user.tokenizer if captioned else None,
         **source,
-        objective=objective,
-        steps=earlier_steps + steps,
-        parameters=n_params,
-        initialized_from=args.init_from,
-        command=command,
+        **metadata,
     )
-    plot_curve(out)
-    print(f"saved main network to {model_dir}")
-    return model_dir
 
 
 def plot_curve(out: Path) -> None:
