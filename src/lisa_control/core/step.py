@@ -47,8 +47,8 @@ class ControlTrainingStep(nn.Module):
         return any(r.needs_prior for r in self.regularizers)
 
     def _branch_takes_prior_rows(self) -> bool:
-        """Whether the branch's ``forward`` accepts ``prior_rows``; a branch written before that
-        argument existed computes the full prior, and regularizers read their rows from it."""
+        """Whether the branch's ``forward`` accepts ``prior_rows``; a branch without it computes
+        the full prior, and regularizers read their rows from it."""
         try:
             params = inspect.signature(self.branch.forward).parameters.values()
         except (TypeError, ValueError):
