@@ -1,16 +1,25 @@
 """lisa-control: train visual-condition side networks for frozen diffusion and flow models."""
 
-from .families import Context, DualBranch, Prediction, UNetControlNetBranch
 from .core.errors import CheckpointError, ConfigError, DataError, LisaError, ModelError
 from .core.objectives import DiffusionObjective, RectifiedFlowObjective, make_objective
+from .core.step import ControlTrainingStep, StepOutput
+from .families import (
+    Context,
+    DualBranch,
+    Family,
+    MainModel,
+    Prediction,
+    UNetControlNetBranch,
+    register_family,
+)
 from .regularizers import (
     LayerSync,
     LikelihoodScoreAlignment,
     Regularizer,
     ScoreDecoder,
     StepState,
+    register_regularizer,
 )
-from .core.step import ControlTrainingStep, StepOutput
 from .regularizers.lisa import lisa_for_branch
 from .regularizers.token_decoders import TokenScoreDecoder
 
@@ -24,9 +33,11 @@ __all__ = [
     "DataError",
     "DiffusionObjective",
     "DualBranch",
+    "Family",
     "LayerSync",
     "LikelihoodScoreAlignment",
     "LisaError",
+    "MainModel",
     "ModelError",
     "Prediction",
     "RectifiedFlowObjective",
@@ -38,4 +49,6 @@ __all__ = [
     "UNetControlNetBranch",
     "lisa_for_branch",
     "make_objective",
+    "register_family",
+    "register_regularizer",
 ]
