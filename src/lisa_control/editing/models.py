@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core.branch import DualBranch
-from ..core.errors import ConfigError
+from ..core.branch import Context, DualBranch
+from ..core.errors import ConfigError, ModelError
 from ..families.base import MainModel
 from ..families.loading import load_main_model
 from .denoiser import Denoiser

@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.branch import Context, DualBranch, Prediction, take_rows
+from ..core.branch import Context, DualBranch, Prediction
 from ..core.errors import ConfigError, ModelError
 
 # Names become module keys and folder names.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from ..core.errors import CheckpointError, ModelError
 from .base import MainModel

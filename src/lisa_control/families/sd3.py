@@ -64,7 +64,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import FrozenDict
 
-from ..core.errors import ConfigError, ModelError
+from ..core.errors import ModelError
 from ..core.objectives import PreconditionedFlowObjective
 from ..core.branch import Context, ResidualBranch
 from ..core.hooks import NetworkLayout, register_layout

@@ -155,13 +155,14 @@ def build_dataset(cfg: TrainConfig, model):
     if model.family.takes_video:
         return build_video_dataset(cfg, model, resolution), resolution
     from ..data.folder import ControlDataset
+    from ..data.multi import MultiConditionDataset
 
+    dataset_class = ControlDataset
     columns = {"conditioning_image_column": cfg.conditioning_image_column}
     if not isinstance(cfg.conditioning_image_column, str):  # several conditions
-        from ..data.multi import MultiConditionDataset as ControlDataset
-
+        dataset_class = MultiConditionDataset
         columns = {"conditioning_image_columns": cfg.conditioning_image_column}
-    dataset = ControlDataset(
+    dataset = dataset_class(
         cfg.train_data_dir or cfg.dataset_name,
         resolution=resolution,
         image_column=cfg.image_column,

@@ -9,7 +9,6 @@ pooled vector (:func:`null_text_context`).
 
 from __future__ import annotations
 
-import torch
 from diffusers import (
     FluxControlNetModel,
     FluxTransformer2DModel,
@@ -18,13 +17,12 @@ from diffusers import (
 )
 from torch import nn
 
-from ..core.branch import Context
 from ..families.flux import (
     controlnet_from_transformer as flux_controlnet_from_transformer,
 )
-from ..families.sd3 import NULL_TEXT_TOKENS, null_text_context  # noqa: F401
-from ..families.sd3 import controlnet_from_transformer as sd3_controlnet_from_transformer
 from ..core.errors import ConfigError
+from ..families.sd3 import NULL_TEXT_TOKENS, null_text_context  # noqa: F401  (re-exported)
+from ..families.sd3 import controlnet_from_transformer as sd3_controlnet_from_transformer
 
 
 
