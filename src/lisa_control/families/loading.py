@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from ..core.errors import CheckpointError, ModelError
 from .base import MainModel
 from .registry import family_of_network, family_of_pipeline, get_family
