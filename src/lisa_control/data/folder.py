@@ -613,20 +613,24 @@ class ControlDataset(torch.utils.data.Dataset):
         }
 
     def validate(self, max_items: int | None = None) -> int:
-        """Read (decode) the first ``max_items`` items, or all; raise one DataError listing the
-        problems (up to ten) if any item cannot be used. Returns how many items were checked."""
-        count = len(self) if max_items is None else min(len(self), max(0, int(max_items)))
-        problems = []
-        for index in range(count):
-            try:
-                self[index]
-            except DataError as err:
-                problems.append(str(err))
-        if problems:
-            raise DataError(
-                f"{len(problems)} of {count} checked items cannot be used: {_listing(problems)}"
-            )
-        return count
+        return validate_items(self, max_items)
+
+
+def validate_items(dataset, max_items: int | None = None) -> int:
+    """Read (decode) the first ``max_items`` items of ``dataset``, or all; raise one DataError
+    listing the problems (up to ten) if any item cannot be used. Returns how many were checked."""
+    count = len(dataset) if max_items is None else min(len(dataset), max(0, int(max_items)))
+    problems = []
+    for index in range(count):
+        try:
+            dataset[index]
+        except DataError as err:
+            problems.append(str(err))
+    if problems:
+        raise DataError(
+            f"{len(problems)} of {count} checked items cannot be used: {_listing(problems)}"
+        )
+    return count
 
 
 def _file_label(record: dict, column: str) -> str:

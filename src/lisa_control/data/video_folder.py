@@ -49,6 +49,7 @@ from .folder import (
     _listing,
     _open_source,
     caption_problem,
+    validate_items,
 )
 from .images import check_resolution, load_image, pair_to_tensors, same_aspect, to_rgb
 from .sampler import split_key
@@ -446,18 +447,7 @@ class VideoControlDataset(torch.utils.data.Dataset):
 
     def validate(self, max_items: int | None = None) -> int:
         """Read the first ``max_items`` items (or all); one DataError lists the problems."""
-        count = len(self) if max_items is None else min(len(self), max(0, int(max_items)))
-        problems = []
-        for index in range(count):
-            try:
-                self[index]
-            except DataError as err:
-                problems.append(str(err))
-        if problems:
-            raise DataError(
-                f"{len(problems)} of {count} checked items cannot be used: {_listing(problems)}"
-            )
-        return count
+        return validate_items(self, max_items)
 
 
 __all__ = ["METADATA_FILE", "VideoControlDataset", "read_video"]
