@@ -17,6 +17,7 @@ import torch
 from ..core.branch import Context, DualBranch
 from ..core.errors import ConfigError, ModelError
 from ..families.base import MainModel
+from ..eval.sampling import repeat_to
 from ..families.loading import load_main_model
 from .denoiser import Denoiser
 
@@ -44,14 +45,6 @@ def check_image_size(model: MainModel, height: int, width: int, what: str = "ima
 # ----------------------------------------------------------------------------- predictions
 
 
-def _repeat(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    if tensor.shape[0] == batch:
-        return tensor
-    if tensor.shape[0] == 1:
-        return tensor.expand(batch, *tensor.shape[1:])
-    raise ConfigError(f"{what} has batch size {tensor.shape[0]}, expected 1 or {batch}.")
-
-
 def make_denoiser(
     model: MainModel,
     context: Context,
@@ -68,7 +61,7 @@ def make_denoiser(
         extra = {} if conditioning_scale == 1.0 else {"conditioning_scale": conditioning_scale}
 
         def predict(x, t):
-            cond = _repeat(condition.to(x.device), x.shape[0], "condition")
+            cond = repeat_to(condition.to(x.device), x.shape[0], "condition")
             ctx = context.to(x.device)
             return branch(x, t, ctx, cond, **extra).output
 

@@ -54,7 +54,7 @@ def latent_shape(branch: DualBranch, condition: torch.Tensor, batch: int) -> tup
     return (batch, in_channels, *frames, height // downscale, width // downscale)
 
 
-def _repeat_to(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+def repeat_to(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     """Broadcast a batch of one to ``batch`` (one condition or negative prompt for all samples)."""
     if tensor.shape[0] == batch:
         return tensor
@@ -88,7 +88,7 @@ def _guidance_context(positive: Context, negative: Context, batch: int) -> Conte
     """
     hidden = torch.cat(
         [
-            _repeat_to(negative.encoder_hidden_states, batch, "negative_context"),
+            repeat_to(negative.encoder_hidden_states, batch, "negative_context"),
             positive.encoder_hidden_states,
         ]
     )
@@ -96,7 +96,7 @@ def _guidance_context(positive: Context, negative: Context, batch: int) -> Conte
     if positive.added_cond_kwargs is not None:
         negative_added = negative.added_cond_kwargs or positive.added_cond_kwargs
         added = {
-            key: torch.cat([_repeat_to(negative_added[key], batch, key), value])
+            key: torch.cat([repeat_to(negative_added[key], batch, key), value])
             for key, value in positive.added_cond_kwargs.items()
         }
     return Context(hidden, added, dict(positive.extra))
@@ -181,7 +181,7 @@ def sample(
     else:
         latents = latents.to(device)
 
-    condition = _each_condition(lambda c: _repeat_to(c.to(device), batch, "condition"), condition)
+    condition = _each_condition(lambda c: repeat_to(c.to(device), batch, "condition"), condition)
     model_context, model_condition = context.to(device), condition
     if do_guidance:
         # Unconditional half first: the pipeline's order. Both halves see the control.

@@ -177,20 +177,8 @@ class UNetControlNetBranch(DualBranch):
             return self._forward_shared_encoder(
                 x_t, timesteps, context, condition, conditioning_scale, prior_rows
             )
-        down, mid = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
-        main_dtype = self.main_network.dtype
-        output = self.main_network(
-            x_t.to(main_dtype),
-            timesteps,
-            down_block_additional_residuals=[r.to(main_dtype) for r in down],
-            mid_block_additional_residual=mid.to(main_dtype),
-            return_dict=False,
-            **self._main_kwargs(context, main_dtype),
-        )[0]
-        if not with_prior:
-            return Prediction(output=output)
-        prior = self.prior_on_rows(x_t, timesteps, context, prior_rows, output)
-        return Prediction(output=output, prior=prior, prior_rows=prior_rows)
+        residuals = self.side_residuals(x_t, timesteps, context, condition, conditioning_scale)
+        return self.main_with(x_t, timesteps, context, residuals, with_prior, prior_rows)
 
     def _can_share_encoder(self, x_t, context: Context) -> bool:
         """Whether the split forward gives the full passes' results here.

@@ -11,6 +11,8 @@ colour (they are >= 85 levels apart) and within :data:`MARKER_TOLERANCE` of it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -114,6 +116,29 @@ def turn(points: np.ndarray, degrees: float) -> np.ndarray:
     return points @ np.array([[c, s], [-s, c]])
 
 
+class FigureStyle(NamedTuple):
+    colours: dict[str, tuple[int, int, int]]  # shirt, trousers, skin
+    limb_width: int
+    head_radius: float
+    shirt: str  # the clothes' names, for captions
+    trousers: str
+
+
+def figure_style(rng: np.random.Generator, height: float) -> FigureStyle:
+    """How a figure ``height`` pixels tall is drawn: clothes and skin from their palettes, chroma
+    limited so that the joint markers stay the most saturated colours in the image."""
+    head_radius = max(1.5, 0.08 * height)
+    limb_width = max(1, int(round(rng.uniform(0.05, 0.09) * height)))
+    shirt, trousers = painting.choose(rng, list(CLOTHES)), painting.choose(rng, list(CLOTHES))
+    colours = {
+        "shirt": painting.jitter(rng, CLOTHES[shirt], 8),
+        "trousers": painting.jitter(rng, CLOTHES[trousers], 8),
+        "skin": painting.jitter(rng, SKIN[rng.integers(len(SKIN))], 8),
+    }
+    colours = {k: tuple(int(c) for c in limit_chroma(v).round()) for k, v in colours.items()}
+    return FigureStyle(colours, limb_width, head_radius, shirt, trousers)
+
+
 def markers_apart(joints: np.ndarray, size: int) -> bool:
     """Whether no two markers of ``size`` pixels centred on the joints would overlap."""
     corners = np.rint(joints - (size - 1) / 2)
@@ -195,16 +220,7 @@ class PoseTask(ProceduralTask):
             joints = joints + rng.uniform(-low, np.maximum(-low, r - 1 - high))  # where they fit
             if markers_apart(joints, m):
                 break
-        head_radius = max(1.5, 0.08 * height)
-        limb_width = max(1, int(round(rng.uniform(0.05, 0.09) * height)))
-
-        shirt, trousers = painting.choose(rng, list(CLOTHES)), painting.choose(rng, list(CLOTHES))
-        colours = {
-            "shirt": painting.jitter(rng, CLOTHES[shirt], 8),
-            "trousers": painting.jitter(rng, CLOTHES[trousers], 8),
-            "skin": painting.jitter(rng, SKIN[rng.integers(len(SKIN))], 8),
-        }
-        colours = {k: tuple(int(c) for c in limit_chroma(v).round()) for k, v in colours.items()}
+        colours, limb_width, head_radius, shirt, trousers = figure_style(rng, height)
 
         canvas = Image.fromarray(painting.to_uint8(limit_chroma(self._background(rng))))
         self._draw_figure(ImageDraw.Draw(canvas), joints, colours, limb_width, head_radius)

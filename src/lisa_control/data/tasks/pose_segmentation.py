@@ -35,10 +35,9 @@ from ...core.errors import ConfigError
 from . import painting
 from .base import ProceduralTask, TaskSample, check_batch, to_pixels
 from .pose import (
-    CLOTHES,
     MAX_POSE_TRIES,
-    SKIN,
     PoseTask,
+    figure_style,
     limit_chroma,
     markers_apart,
     random_body_angle,
@@ -92,15 +91,7 @@ class PoseSegmentationTask(ProceduralTask):
     def render(self, rng: np.random.Generator) -> TaskSample:
         background, labels, words = self._background(rng)
         joints, angle, upright, height = self._place_figure(rng)
-        head_radius = max(1.5, 0.08 * height)
-        limb_width = max(1, int(round(rng.uniform(0.05, 0.09) * height)))
-        shirt, trousers = painting.choose(rng, list(CLOTHES)), painting.choose(rng, list(CLOTHES))
-        colours = {
-            "shirt": painting.jitter(rng, CLOTHES[shirt], 8),
-            "trousers": painting.jitter(rng, CLOTHES[trousers], 8),
-            "skin": painting.jitter(rng, SKIN[rng.integers(len(SKIN))], 8),
-        }
-        colours = {k: tuple(int(c) for c in limit_chroma(v).round()) for k, v in colours.items()}
+        colours, limb_width, head_radius, shirt, trousers = figure_style(rng, height)
 
         canvas = Image.fromarray(painting.to_uint8(limit_chroma(background)))
         self._pose._draw_figure(ImageDraw.Draw(canvas), joints, colours, limb_width, head_radius)

@@ -49,14 +49,13 @@ from . import painting
 from .base import ProceduralTask, TaskSample, to_pixels
 from .pose import (
     ARMS,
-    CLOTHES,
     HEAD,
     LEGS,
     MARKER_TOLERANCE,
     MAX_POSE_TRIES,
-    SKIN,
     PoseTask,
     _direction,
+    figure_style,
     limit_chroma,
     locate_markers,
     markers_apart,
@@ -194,15 +193,7 @@ class PoseVideoTask(ProceduralTask):
             joints, height = self._place(rng, shapes, camera)
             if all(markers_apart(frame, self.marker_size) for frame in joints):
                 break
-        head_radius = max(1.5, 0.08 * height)
-        limb_width = max(1, int(round(rng.uniform(0.05, 0.09) * height)))
-        shirt, trousers = painting.choose(rng, list(CLOTHES)), painting.choose(rng, list(CLOTHES))
-        colours = {
-            "shirt": painting.jitter(rng, CLOTHES[shirt], 8),
-            "trousers": painting.jitter(rng, CLOTHES[trousers], 8),
-            "skin": painting.jitter(rng, SKIN[rng.integers(len(SKIN))], 8),
-        }
-        colours = {k: tuple(int(c) for c in limit_chroma(v).round()) for k, v in colours.items()}
+        colours, limb_width, head_radius, shirt, trousers = figure_style(rng, height)
         scene = painting.to_uint8(limit_chroma(self.scene._background(rng)))
 
         images, conditions = [], []
