@@ -142,6 +142,7 @@ def train_flags(args, main: str, regularizer: str, run: str, seed: int) -> list[
         "task": TASK,
         "conditioning_image_column": " ".join(RUNS[run]),
         "regularizer": REGULARIZERS[regularizer],
+        "loss_weighting": "none",  # the unweighted loss of the paper's comparison
         "seed": seed,
         "resolution": args.resolution,
         "max_train_steps": args.steps,

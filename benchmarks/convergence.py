@@ -145,6 +145,9 @@ def run_flags(args, task, variant, seed) -> list[str]:
         "dataloader_num_workers": args.workers_per_run,
         "report_to": "none",
         "output_dir": str(Path(args.run_dir) / task / variant / f"seed{seed}"),
+        # The papers' unweighted loss unless a variant names a weighting: "plain" and "lisa"
+        # are the recipes the papers compare (lisa train's own default weighting is x0).
+        "loss_weighting": "none",
     }
     mains = dict(m.split("=", 1) for m in args.main)
     if task in mains:

@@ -155,3 +155,59 @@ def test_training_runs_with_each_weighting_and_resume_refuses_another(tmp_path, 
                      "--resume_from_checkpoint", "latest"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "loss_weighting" in err[0] and "'none'" in err[0]
+
+
+def test_the_default_weighting_is_x0_where_the_objective_takes_one():
+    from lisa_control.families import get_family
+    from lisa_control.families.base import MainModel
+
+    sd3 = MainModel(main_network=None, scheduler=None, family=get_family("sd3"), vae=object())
+    assert sd3.default_loss_weighting("flow") == "none"  # latent flow: diffusers' scheme alone
+    pixel_sd3 = MainModel(main_network=None, scheduler=None, family=get_family("sd3"), vae=None)
+    assert pixel_sd3.default_loss_weighting("flow") == "x0"
+    unet = MainModel(main_network=None, scheduler=None, family=get_family("unet"), vae=None)
+    assert unet.default_loss_weighting("epsilon") == "x0"
+    assert unet.default_loss_weighting("v_prediction") == "x0"
+
+
+def test_a_run_records_the_weighting_it_resolved_and_resume_keeps_the_checkpoints(tmp_path):
+    """Without --loss_weighting a run trains with x0 and records it; resuming with the same
+    command continues; a checkpoint that records no weighting (written before it was a setting)
+    resumes with none, the loss it was trained with, unless another is named."""
+    import json
+
+    from factories import make_image_folder, make_pixel_model
+
+    from lisa_control.cli import main
+
+    model, data = make_pixel_model(tmp_path / "model"), make_image_folder(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+
+    def argv(steps, *extra):
+        flags = dict(pretrained_model_name_or_path=model, train_data_dir=data, resolution=16,
+                     train_batch_size=2, max_train_steps=steps, checkpointing_steps=1,
+                     validation_steps=0, report_to="none", output_dir=out,
+                     resume_from_checkpoint="latest")
+        return ["train", *[a for k, v in flags.items() for a in (f"--{k}", str(v))],
+                "--no-progress", *extra]
+
+    def weighting_of(step):
+        state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        return state["fingerprint"]["loss_weighting"]
+
+    assert main(argv(1)) == 0
+    assert weighting_of(1) == "x0"
+    assert json.loads((out / "config.json").read_text())["loss_weighting"] == "x0"
+    assert main(argv(2)) == 0
+    assert weighting_of(2) == "x0"
+
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]["loss_weighting"]
+    state_file.write_text(json.dumps(state))
+    assert main(argv(3, "--loss_weighting", "x0")) == 2  # it ran with none: x0 is refused
+    assert main(argv(3)) == 0
+    assert weighting_of(3) == "none"
+    assert json.loads((out / "config.json").read_text())["loss_weighting"] == "none"
+    steps = [json.loads(x)["step"] for x in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

@@ -32,7 +32,7 @@ DEFAULTS = {
     "adam_weight_decay": 0.01, "adam_epsilon": 1e-08, "max_grad_norm": 1.0,
     "use_8bit_adam": False, "mixed_precision": None, "gradient_checkpointing": False,
     "allow_tf32": False, "torch_compile": False, "torch_compile_backend": "inductor",
-    "timestep_sampler": "uniform", "prediction_type": None, "loss_weighting": "none",
+    "timestep_sampler": "uniform", "prediction_type": None, "loss_weighting": None,
     "snr_gamma": 5.0, "x0_weight_max": 5.0, "on_nonfinite": "stop", "checkpointing_steps": 500,
     "checkpoints_total_limit": None, "resume_from_checkpoint": None,
     "side_network": "controlnet", "regularizer": "lisa", "lisa_weight": 0.2, "lisa_layer": None,
@@ -59,9 +59,10 @@ OLD_FINGERPRINT = {
     "lisa_weight_decay_steps": 0, "lisa_decoder_learning_rate": None, "layersync_pairs": None,
     "layersync_weight": 0.2, "prediction_type": None, "timestep_sampler": "uniform",
 }  # fmt: skip
-# Fingerprint settings added since, at their defaults: a checkpoint without them ran with these.
+# Fingerprint settings added since, at their defaults: a checkpoint without them ran with these
+# (loss_weighting's None is resolved per run; a checkpoint without it ran with "none").
 ADDED_SINCE = {
-    "loss_weighting": "none", "snr_gamma": 5.0, "x0_weight_max": 5.0,
+    "loss_weighting": None, "snr_gamma": 5.0, "x0_weight_max": 5.0,
     "lisa_batch_fraction": 1.0, "lisa_subset": "first",
 }  # fmt: skip
 
@@ -153,7 +154,8 @@ def test_checkpoint_with_the_old_fingerprint_resumes_under_either_spelling(tmp_p
     state = json.loads(state_file.read_text())
     old = {**OLD_FINGERPRINT, "pretrained_model_name_or_path": str(model),
            "train_data_dir": str(data)}  # fmt: skip
-    assert state["fingerprint"] == old | ADDED_SINCE
+    # The run names no weighting: the family's default (x0 for this UNet) is what it records.
+    assert state["fingerprint"] == old | ADDED_SINCE | {"loss_weighting": "x0"}
     state_file.write_text(json.dumps({**state, "fingerprint": old}))  # as older checkpoints hold it
     assert main(argv(2, "lisa")) == 2  # another regularizer is refused
     assert main(argv(2, "lisa+layersync")) == 0

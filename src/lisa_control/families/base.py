@@ -104,6 +104,12 @@ class Family:
             weighting=weighting,
         )
 
+    def default_loss_weighting(self, model: MainModel, name: str) -> str:
+        """The weighting (``core.weighting``) a run of objective ``name`` gets when it names
+        none: ``x0``, which reached plain ControlNet's fidelity sooner on every task and seed
+        of BENCHMARKS.md's loss-weighting runs."""
+        return "x0"
+
     # ------------------------------------------------------------------ inference
 
     def inference_schedule(self, model: MainModel, scheduler, height: int, width: int, steps):
@@ -168,6 +174,10 @@ class MainModel:
         return self.family.training_objective(
             self, prediction_type or self.objective, timestep_sampler, weighting
         )
+
+    def default_loss_weighting(self, prediction_type: str | None = None) -> str:
+        """The loss weighting for ``prediction_type`` (default: the model's) when none is named."""
+        return self.family.default_loss_weighting(self, prediction_type or self.objective)
 
     @property
     def sample_channels(self) -> int:

@@ -409,6 +409,12 @@ class FluxFamily(Family):
         out = network(hidden_states=pack_latents(x_t).to(dtype), return_dict=False, **kwargs)[0]
         return unpack_latents(out, height, width)
 
+    def default_loss_weighting(self, model: MainModel, name: str) -> str:
+        """Latent flow keeps diffusers' own weighting scheme alone."""
+        if name == "flow" and not model.is_pixel_space:
+            return "none"
+        return super().default_loss_weighting(model, name)
+
     def training_objective(
         self, model: MainModel, name: str, timestep_sampler=None, weighting=None
     ):

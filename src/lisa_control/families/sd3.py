@@ -348,6 +348,12 @@ class SD3Family(Family):
             return_dict=False,
         )[0]
 
+    def default_loss_weighting(self, model: MainModel, name: str) -> str:
+        """Latent flow keeps diffusers' own weighting scheme alone."""
+        if name == "flow" and not model.is_pixel_space:
+            return "none"
+        return super().default_loss_weighting(model, name)
+
     def training_objective(
         self, model: MainModel, name: str, timestep_sampler=None, weighting=None
     ):

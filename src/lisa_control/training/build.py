@@ -75,6 +75,9 @@ def build(cfg: TrainConfig, accelerator) -> Training:
     sample_size, condition_channels = data_shapes(model, dataset, resolution)
     branch = build_branch(cfg, model, condition_channels, getattr(dataset, "condition_names", ()))
     regularizers = build_regularizers(cfg, branch, sample_size)
+    if cfg.loss_weighting is None:
+        # Resolved before any checkpoint is written, so checkpoints record what ran.
+        cfg.loss_weighting = model.default_loss_weighting(cfg.prediction_type)
     weighting = make_weighting(cfg.loss_weighting, cfg.snr_gamma, cfg.x0_weight_max)
     objective = model.training_objective(cfg.prediction_type, cfg.timestep_sampler, weighting)
     step_module = ControlTrainingStep(branch, objective, regularizers)
@@ -411,6 +414,23 @@ def jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
+# Settings whose default is now resolved per run, at the value they had before that: a
+# checkpoint that does not record them ran with these.
+DEFAULTS_BEFORE = {"loss_weighting": "none"}
+
+
+def adopt_checkpoint_settings(cfg: TrainConfig) -> None:
+    """Settings left unnamed on a resumed run take the checkpoint's values, so that resuming
+    with the command that started the run continues it, whatever the defaults are now."""
+    if not cfg.resume_from_checkpoint or cfg.loss_weighting is not None:
+        return
+    path = ckpt.resolve_resume_path(Path(cfg.output_dir), cfg.resume_from_checkpoint)
+    if path is None:
+        return
+    fingerprint = ckpt.read_trainer_state(path).get("fingerprint", {})
+    cfg.loss_weighting = fingerprint.get("loss_weighting", DEFAULTS_BEFORE["loss_weighting"])
+
+
 def resume(cfg: TrainConfig, run: Training, accelerator) -> int:
     """Restore the checkpoint ``--resume_from_checkpoint`` names into ``run``; returns its
     step (0 when ``latest`` finds none). Refuses one written under another fingerprint."""
@@ -422,7 +442,7 @@ def resume(cfg: TrainConfig, run: Training, accelerator) -> int:
     saved = ckpt.read_trainer_state(path)
     now = jsonable(cfg.fingerprint())
     # A setting newer than the checkpoint was at its default when the checkpoint ran.
-    then = jsonable(TrainConfig().fingerprint()) | saved.get("fingerprint", {})
+    then = jsonable(TrainConfig().fingerprint()) | DEFAULTS_BEFORE | saved.get("fingerprint", {})
     diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
     if diff:
         raise CheckpointError(

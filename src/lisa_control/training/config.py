@@ -156,12 +156,14 @@ class TrainConfig:
     prediction_type: str | None = flag(
         None, choices=(None, "epsilon", "v_prediction", "flow"), fingerprint=True
     )
-    loss_weighting: str = flag(
-        "none",
-        "weight the diffusion loss by noise level: none (the paper), x0 (the error of the "
-        "implied clean sample, capped by --x0_weight_max) or min_snr (Min-SNR-gamma, "
-        "--snr_gamma)",
-        choices=WEIGHTINGS,
+    loss_weighting: str | None = flag(
+        None,
+        "weight the diffusion loss by noise level: none (the LISA paper and the diffusers "
+        "scripts), x0 (the error of the implied clean sample, capped by --x0_weight_max) or "
+        "min_snr (Min-SNR-gamma, --snr_gamma); default: x0 where the objective takes a "
+        "weighting (eps, v, pixel-space flow), none for latent SD3 and Flux (diffusers' own "
+        "scheme); a resumed run keeps its checkpoint's",
+        choices=(None, *WEIGHTINGS),
         fingerprint=True,
     )
     snr_gamma: float = flag(5.0, "gamma of --loss_weighting min_snr", fingerprint=True)

@@ -36,6 +36,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     output_dir = Path(cfg.output_dir)
     check_output_dir(cfg)
     accelerator = b.make_accelerator(cfg)
+    b.adopt_checkpoint_settings(cfg)
     run = b.build(cfg, accelerator)
     if cfg.overwrite_output_dir and accelerator.is_main_process:
         clear_run(output_dir, cfg)
