@@ -158,13 +158,15 @@ def test_accelerate_launch_two_cpu_processes_agree(assets, tmp_path):
 
 
 def test_cli_step_equals_library_api_step(assets, tmp_path):
-    """The loss the CLI logs at step 1 is what the documented library recipe computes."""
+    """The loss the CLI logs at step 1 is what the documented library recipe computes (with
+    the x0 loss weighting, the CLI's default for this UNet)."""
     from accelerate.utils import set_seed
 
     from lisa_control import (
         ControlTrainingStep,
         LikelihoodScoreAlignment,
         UNetControlNetBranch,
+        X0Weighting,
         make_objective,
     )
     from lisa_control.data.folder import ControlDataset
@@ -182,7 +184,8 @@ def test_cli_step_equals_library_api_step(assets, tmp_path):
     dataset = ControlDataset(data, resolution=16)
     branch = UNetControlNetBranch.from_main(model.main_network, condition_downscale=1)
     lisa = LikelihoodScoreAlignment(branch.side_network, out_channels=3, sample_size=16)
-    step = ControlTrainingStep(branch, make_objective("epsilon", model.scheduler), [lisa])
+    objective = make_objective("epsilon", model.scheduler, weighting=X0Weighting())
+    step = ControlTrainingStep(branch, objective, [lisa])
     first = next(ResumableBatchOrder(len(dataset), 2, seed=0).batches())[1]
     batch = torch.utils.data.default_collate([dataset[i] for i in first])
     x0, context, condition = FrozenEncoders(model, "cpu").encode(batch)

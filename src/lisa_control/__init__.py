@@ -3,6 +3,7 @@
 from .core.errors import CheckpointError, ConfigError, DataError, LisaError, ModelError
 from .core.objectives import DiffusionObjective, RectifiedFlowObjective, make_objective
 from .core.step import ControlTrainingStep, StepOutput
+from .core.weighting import MinSNRWeighting, X0Weighting, make_weighting
 from .families import (
     Context,
     DualBranch,
@@ -38,6 +39,7 @@ __all__ = [
     "LikelihoodScoreAlignment",
     "LisaError",
     "MainModel",
+    "MinSNRWeighting",
     "ModelError",
     "Prediction",
     "RectifiedFlowObjective",
@@ -47,8 +49,10 @@ __all__ = [
     "StepState",
     "TokenScoreDecoder",
     "UNetControlNetBranch",
+    "X0Weighting",
     "lisa_for_branch",
     "make_objective",
+    "make_weighting",
     "register_family",
     "register_regularizer",
 ]
