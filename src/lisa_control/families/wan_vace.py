@@ -230,7 +230,8 @@ def check_side_fits_main(transformer, side_network) -> None:
 @contextmanager
 def vace_part_in_place(transformer: WanVACETransformer3DModel, side_network: WanVACESideNetwork):
     """``transformer`` running ``side_network``'s VACE modules, and its gradient checkpointing,
-    instead of its own, inside the ``with`` block; its own come back on leaving it."""
+    instead of its own, inside the ``with`` block; its own modules and checkpointing switch come
+    back on leaving it."""
     own_modules = {name: getattr(transformer, name) for name in VACE_MODULES}
     own_checkpointing = transformer.gradient_checkpointing
     own_function = transformer.__dict__.get("_gradient_checkpointing_func")
