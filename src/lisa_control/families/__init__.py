@@ -25,8 +25,16 @@ from .sd3 import SD3ControlNetBranch, SD3Family
 from .t2i_adapter import T2IAdapterBranch
 from .unet import UNetControlNetBranch, UNetFamily
 from .unet2d import UNet2DFamily
+from .wan_vace import WanVACEBranch, WanVACEFamily
 
-for _family in (UNetFamily(), SD3Family(), FluxFamily(), UNet2DFamily(), AnimateDiffFamily()):
+for _family in (
+    UNetFamily(),
+    SD3Family(),
+    FluxFamily(),
+    UNet2DFamily(),
+    AnimateDiffFamily(),
+    WanVACEFamily(),
+):
     register_family(_family)
 
 __all__ = [
@@ -46,6 +54,8 @@ __all__ = [
     "T2IAdapterBranch",
     "UNetControlNetBranch",
     "UNetFamily",
+    "WanVACEBranch",
+    "WanVACEFamily",
     "branch_class",
     "family_of_network",
     "family_of_pipeline",

@@ -88,6 +88,26 @@ class Family:
         (B, 3, H, W) in one call; video families encode their frames)."""
         return vae.encode(pixels).latent_dist.sample()
 
+    def normalize_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents as the main network denoises them: shifted and scaled by the VAE's config
+        (SD3 and Flux VAEs shift; SD's have no ``shift_factor``)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def encode_condition(self, vae, condition: torch.Tensor) -> torch.Tensor:
+        """The control image in [0, 1] as a ``condition_in_latent_space`` side network takes it:
+        the normalized latents of the image mapped to [-1, 1], as the SD3 and Flux ControlNet
+        pipelines encode it."""
+        return self.normalize_latents(vae, self.encode_images(vae, condition * 2 - 1))
+
+    def latent_condition_channels(self, model: MainModel) -> int:
+        """Channels of :meth:`encode_condition`'s output."""
+        return model.vae.config.latent_channels
+
+    def vae_scale_factor(self, vae) -> int:
+        """Pixels per latent pixel, along each side."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
     # ------------------------------------------------------------------ objective
 
     def training_objective(
@@ -188,7 +208,7 @@ class MainModel:
     def vae_scale_factor(self) -> int:
         if self.vae is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_scale_factor(self.vae)
 
     @property
     def resolution_multiple(self) -> int:

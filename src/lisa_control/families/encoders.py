@@ -40,9 +40,7 @@ class FrozenEncoders:
         if self.model.vae is None:
             return pixel_values
         latents = self.model.family.encode_images(self.model.vae, pixel_values)
-        # SD3 / Flux VAEs shift their latents before scaling; SD's have no shift_factor.
-        shift = getattr(self.model.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.model.vae.config.scaling_factor
+        return self.model.family.normalize_latents(self.model.vae, latents)
 
     @torch.no_grad()
     def _prompts(self, captions: list[str]) -> torch.Tensor:
@@ -72,10 +70,10 @@ class FrozenEncoders:
 
     @torch.no_grad()
     def encode_condition(self, condition: torch.Tensor) -> torch.Tensor:
-        """The condition as the side network takes it: VAE latents of the control image (in
-        [0, 1], mapped to [-1, 1] first, as the SD3/Flux ControlNet pipelines do) for
-        ``condition_in_latent_space`` models, else the image itself. Several conditions (a
-        mapping name -> image, or a list) are encoded each."""
+        """The condition as the side network takes it: for ``condition_in_latent_space`` models
+        the family's encoding of the control image in [0, 1] (``Family.encode_condition``: VAE
+        latents for SD3 and Flux, VACE control latents for Wan), else the image itself. Several
+        conditions (a mapping name -> image, or a list) are encoded each."""
         if isinstance(condition, dict):
             return {name: self.encode_condition(c) for name, c in condition.items()}
         if isinstance(condition, (list, tuple)):
@@ -83,7 +81,7 @@ class FrozenEncoders:
         condition = condition.to(self.device)
         if not self.model.condition_in_latent_space:
             return condition
-        return self._images(condition * 2 - 1)
+        return self.model.family.encode_condition(self.model.vae, condition.to(self.dtype))
 
     def _cached(self, store, keys, compute) -> list:
         """The stored entries of ``keys`` (dataset indices or caption texts), computing the

@@ -123,15 +123,18 @@ def load_pixel_model(folder: Path, allow_pickle: bool = False) -> MainModel:
     )
 
 
-def load_pipeline_parts(pipeline_cls, name: str, revision=None, variant=None, allow_pickle=False):
-    """A diffusers pipeline whose main network is a ``transformer`` (SD3, Flux), with the optional
-    components its folder omits passed as ``None`` (SD3 without T5, no IP-Adapter encoder)."""
+def load_pipeline_parts(
+    pipeline_cls, name: str, revision=None, variant=None, allow_pickle=False, optional=()
+):
+    """A diffusers pipeline whose main network is a ``transformer`` (SD3, Flux, Wan), with the
+    optional components its folder omits passed as ``None`` (SD3 without T5, no IP-Adapter
+    encoder, and the components named in ``optional``)."""
     local = Path(name)
     if local.is_dir():
         for sub in ("transformer", "vae"):
             check_weight_files(local / sub, allow_pickle)
     index = _pipeline_index(name, revision)
-    optional = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+    optional = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor", *optional)
     accepted = _init_parameters(pipeline_cls)
     absent = {k: None for k in optional if k in accepted and index.get(k, [None])[0] is None}
     try:

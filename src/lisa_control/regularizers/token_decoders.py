@@ -3,10 +3,13 @@
 A transformer ControlNet's zero projection ``controlnet_blocks[k]`` reads the image tokens
 h in R^{B x N x D} after its block k (N = (H/p) (W/p) tokens of p x p patches). The decoder maps
 them back to the prediction space (B, C, H, W): a per-token linear head to p^2 C values, then the
-inverse of the patch embedding.
+inverse of the patch embedding. Video transformers (Wan) patch (frames, rows, columns) into
+pt x ph x pw cells; their decoder maps tokens to (B, C, F, H, W) the same way.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -24,6 +27,21 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) ->
     channels = features // (p * p)
     patches = patches.reshape(b, h, w, p, p, channels)
     return torch.einsum("nhwpqc->nchpwq", patches).reshape(b, channels, h * p, w * p)
+
+
+def unpatchify_video(
+    patches: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int]
+) -> torch.Tensor:
+    """(B, f h w, pt ph pw C) tokens, frame-major then row-major, features ordered
+    (dt, dy, dx, c) -> (B, C, f pt, h ph, w pw): the layout of Wan transformers' output
+    projection."""
+    b, n, features = patches.shape
+    f, h, w = grid
+    pt, ph, pw = patch_size
+    channels = features // (pt * ph * pw)
+    patches = patches.reshape(b, f, h, w, pt, ph, pw, channels)
+    video = torch.einsum("nfhwtpqc->ncfthpwq", patches)
+    return video.reshape(b, channels, f * pt, h * ph, w * pw)
 
 
 class TokenScoreDecoder(nn.Module):
@@ -63,7 +81,7 @@ class TokenScoreDecoder(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
         # Named ``out`` like ScoreDecoder's last layer: LISA watches it to catch an optimizer that
         # was not given the decoder's parameters.
-        self.out = nn.Linear(hidden_dim, patch_size * patch_size * out_channels)
+        self.out = nn.Linear(hidden_dim, self.patch_volume(patch_size) * out_channels)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -84,9 +102,54 @@ class TokenScoreDecoder(nn.Module):
             )
         return side, side
 
-    def forward(self, tokens: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def patch_volume(patch_size) -> int:
+        """Values per token and output channel."""
+        return patch_size * patch_size
+
+    def patches(self, tokens: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """W_out [ LayerNorm(h) (1 + scale) + shift ] + b_out: every token's patch values."""
         emb = sinusoidal_embedding(timesteps.reshape(-1), self.time_embed_dim)
         shift, scale = self.time_mlp(emb.to(self.out.weight.dtype)).chunk(2, dim=-1)
         h = self.norm(tokens.to(self.out.weight.dtype))
         h = h * (1 + scale[:, None]) + shift[:, None]
-        return unpatchify(self.out(h), self.grid(tokens.shape[1]), self.patch_size)
+        return self.out(h)
+
+    def forward(self, tokens: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        grid = self.grid(tokens.shape[1])
+        return unpatchify(self.patches(tokens, timesteps), grid, self.patch_size)
+
+
+class VideoTokenScoreDecoder(TokenScoreDecoder):
+    """A :class:`TokenScoreDecoder` for the tokens of a video transformer: (B, N, D) tokens of
+    ``patch_size`` = (pt, ph, pw) cells, frame-major then row-major, decoded to (B, C, F, H, W).
+
+    ``grid_size``: (rows, columns) of tokens per frame at the training resolution; the number of
+    token frames is N / (rows x columns), so clips of any length decode.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        out_channels: int,
+        patch_size: tuple[int, int, int],
+        grid_size: int | tuple[int, int],
+    ):
+        super().__init__(hidden_dim, out_channels, tuple(patch_size), grid_size)
+
+    @staticmethod
+    def patch_volume(patch_size) -> int:
+        return math.prod(patch_size)
+
+    def grid(self, num_tokens: int) -> tuple[int, int, int]:
+        rows, cols = self.grid_size
+        if num_tokens % (rows * cols):
+            raise ModelError(
+                f"{num_tokens} tokens are not whole frames of the {rows}x{cols} token grid the "
+                "decoder was sized for; size it for the training resolution (sample_size=)."
+            )
+        return num_tokens // (rows * cols), rows, cols
+
+    def forward(self, tokens: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        grid = self.grid(tokens.shape[1])
+        return unpatchify_video(self.patches(tokens, timesteps), grid, self.patch_size)

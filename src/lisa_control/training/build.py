@@ -175,7 +175,7 @@ def build_dataset(cfg: TrainConfig, model):
         seed=cfg.seed or 0,
         max_samples=cfg.max_train_samples,
         dataset_config_name=cfg.dataset_config_name,
-        resolution_multiple=8 * model.vae_scale_factor // (8 if model.vae is None else 1),
+        resolution_multiple=1 if model.vae is None else model.resolution_multiple,
     )
     return dataset, resolution
 
@@ -208,7 +208,7 @@ def build_video_dataset(cfg: TrainConfig, model, resolution: int):
         seed=cfg.seed or 0,
         max_samples=cfg.max_train_samples,
         dataset_config_name=cfg.dataset_config_name,
-        resolution_multiple=8 * model.vae_scale_factor // (8 if model.vae is None else 1),
+        resolution_multiple=1 if model.vae is None else model.resolution_multiple,
     )
 
 
@@ -222,7 +222,7 @@ def data_shapes(model, dataset, resolution: int) -> tuple[int, int]:
                 f"{model.family.name} ControlNets take the VAE-encoded control image, which must be "
                 f"RGB; the data has {condition_channels}-channel conditions."
             )
-        condition_channels = model.vae.config.latent_channels
+        condition_channels = model.family.latent_condition_channels(model)
     return resolution // model.vae_scale_factor, condition_channels
 
 
