@@ -636,9 +636,10 @@ def task_for_model(name: str, model, resolution: int, num_frames: int | None):
     """The embedded task ``name`` at ``resolution`` (with ``num_frames`` frames per clip for a
     video task), refused when it renders images for a video model or the reverse."""
     from ..data.tasks import get_task
+    from .feature_distance import is_video_task
 
     task = get_task(name, resolution=resolution)
-    video_task = getattr(task, "frames", None) is not None
+    video_task = is_video_task(task)
     if video_task != model.family.takes_video:
         makes = "videos" if model.family.takes_video else "images"
         raise ConfigError(
@@ -653,7 +654,8 @@ def task_for_model(name: str, model, resolution: int, num_frames: int | None):
 
 def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
     """Run ``lisa eval``; returns what it writes to ``eval.json`` (plus ``"images"``: the
-    samples of the last side network, (N, 3, R, R) in [-1, 1], not written)."""
+    samples of the last side network, (N, 3, R, R) in [-1, 1], or videos (N, 3, F, R, R), not
+    written)."""
     from ..families.loading import load_main_model
     from .generate import SideNetworkSampler
 

@@ -219,12 +219,6 @@ class TaskFeatureDistance:
         self.accuracy: float | None = None
         self._reference: torch.Tensor | None = None
 
-    @property
-    def name(self) -> str:
-        """What it measures, in words (for reports)."""
-        what = "video Fréchet distance" if self.video else "Fréchet distance"
-        return f"task-feature {what} on renders of {self.task.name}"
-
     def prepare(self) -> "TaskFeatureDistance":
         if self.network is None:
             self.network, self.accuracy = train_feature_network(
