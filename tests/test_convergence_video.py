@@ -75,13 +75,12 @@ def test_convergence_on_pose_video_reports_per_frame_pck_and_the_video_distance(
     paths = [str(site), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
     out, runs = tmp_path / "convergence.json", tmp_path / "runs"
-    convergence.main(
-        ["--tasks", "pose_video", "--main", f"pose_video={motion_model}", "--variants", "plain",
-         "lisa", "--seeds", "0", "--steps", "2", "--eval_every", "1", "--eval_conditions", "2",
-         "--eval_inference_steps", "1", "--parallel", "2", "--workers_per_run", "0",
-         "--set", "num_frames=4", "train_batch_size=2", "validation_feature_distance=",
-         "--run_dir", str(runs), "--out", str(out)]  # fmt: skip
-    )
+    argv = ["--tasks", "pose_video", "--main", f"pose_video={motion_model}", "--variants",
+            "plain", "lisa", "--seeds", "0", "--steps", "2", "--eval_every", "1",
+            "--eval_conditions", "2", "--eval_inference_steps", "1", "--parallel", "2",
+            "--workers_per_run", "0", "--set", "num_frames=4", "train_batch_size=2",
+            "validation_feature_distance=", "--run_dir", str(runs), "--out", str(out)]  # fmt: skip
+    convergence.main(argv)
     for variant in ("plain", "lisa"):
         run = runs / "pose_video" / variant / "seed0"
         config = json.loads((run / "config.json").read_text())

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lisa_control.data.tasks import get_task
 from lisa_control.core.errors import ConfigError
+from lisa_control.data.tasks import get_task
 from lisa_control.eval.feature_distance import (
     NUM_TRANSFORMS,
     TaskFeatureDistance,

@@ -323,9 +323,7 @@ def test_eval_refuses_video_settings_that_do_not_fit_the_model_in_one_line(
 # ----------------------------------------------------------------------------- validation
 
 
-def test_validation_of_pose_video_reports_the_video_feature_distance(
-    assets, tmp_path, monkeypatch
-):
+def test_validation_of_pose_video_reports_the_video_feature_distance(assets, tmp_path, monkeypatch):
     """`lisa train --task pose_video --validation_feature_distance`: validation.jsonl holds
     per-frame PCK, temporal consistency and the video Fréchet distance at every validation
     step (the feature network shrunk for the CPU)."""

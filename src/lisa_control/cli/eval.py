@@ -98,9 +98,7 @@ def _video_arguments(video) -> None:
         default=None,
         help="frames per clip (default: the run's --num_frames, else the task's, else 8)",
     )
-    video.add_argument(
-        "--video_column", default="video", help="metadata column of the test videos"
-    )
+    video.add_argument("--video_column", default="video", help="metadata column of the test videos")
     video.add_argument(
         "--conditioning_video_column",
         default="conditioning_video",

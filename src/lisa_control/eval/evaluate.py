@@ -56,7 +56,11 @@ DEFAULT_TASK_CONDITIONS = 64
 DEFAULT_NUM_FRAMES = 8
 # Metrics where smaller is better; every other one is better when larger.
 LOWER_IS_BETTER = {
-    "frechet_distance", "video_frechet_distance", "depth_mae", "joint_error", "motion_error"
+    "frechet_distance",
+    "video_frechet_distance",
+    "depth_mae",
+    "joint_error",
+    "motion_error",
 }
 # User images are scaled down to at most this size for the feature network (it pools globally,
 # so any size works; this bounds its training cost on large photos).
