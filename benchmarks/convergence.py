@@ -16,7 +16,15 @@ summary reports, per task and variant:
   wall-clock speed-up; ``speedup_interpolated_seconds`` the same for the interpolated
   measure). Runs that share a GPU slow each other down, so these compare runs launched
   together under the same load,
-* the LISA aux-loss ratio over training.
+* the LISA aux-loss ratio over training,
+* the task-feature Fréchet distance at the budgets, when the runs log it
+  (``--set validation_feature_distance=``): ``feature_distance``, or for a video task such as
+  ``pose_video`` the task-feature video Fréchet distance, ``video_feature_distance``; the key is
+  recorded as ``feature_distance_metric``.
+
+Each task trains on the main network ``--main TASK=DIR`` names, else the one
+:data:`MAIN_NETWORKS` lists for it, else the shipped one ``lisa train`` picks for the task. A video
+task's fidelity metric is the task's own (``pose_video``: PCK over every frame).
 
 Example (the command behind BENCHMARKS.md's numbers is recorded in each result file):
 
@@ -37,6 +45,10 @@ import time
 from pathlib import Path
 
 from provenance import write_result
+
+# Main network per task where `lisa train --task T` alone does not pick the one to benchmark;
+# `--main TASK=DIR` overrides it.
+MAIN_NETWORKS = {"pose_video": "embedded:pose_video"}
 
 # Variants are flag sets of `lisa train`; anything a user can run, the benchmark can compare.
 VARIANTS = {
@@ -108,7 +120,10 @@ def build_parser():
     p.add_argument("--eval_inference_steps", type=int, default=20)
     p.add_argument("--budgets", type=int, nargs="*", default=None)
     p.add_argument(
-        "--main", nargs="*", default=[], help="TASK=DIR main network per task (default: shipped)"
+        "--main",
+        nargs="*",
+        default=[],
+        help="TASK=DIR main network per task (default: MAIN_NETWORKS, else the shipped one)",
     )
     p.add_argument(
         "--set", nargs="*", default=[], help="extra `lisa train` flags as key=value (the regime)"
@@ -149,9 +164,9 @@ def run_flags(args, task, variant, seed) -> list[str]:
         # are the recipes the papers compare (lisa train's own default weighting is x0).
         "loss_weighting": "none",
     }
-    mains = dict(m.split("=", 1) for m in args.main)
-    if task in mains:
-        flags["pretrained_model_name_or_path"] = mains[task]
+    main_network = main_networks(args).get(task)
+    if main_network is not None:
+        flags["pretrained_model_name_or_path"] = main_network
     for item in args.set:
         key, value = item.split("=", 1)
         flags[key] = value
@@ -160,6 +175,17 @@ def run_flags(args, task, variant, seed) -> list[str]:
     for key, value in flags.items():
         argv += [f"--{key}", *str(value).split()]
     return argv + ["--no-progress", "--overwrite_output_dir"]
+
+
+def main_networks(args) -> dict[str, str]:
+    """Task -> main network: :data:`MAIN_NETWORKS` with ``--main TASK=DIR`` on top."""
+    given = {}
+    for item in args.main:
+        task, sep, folder = item.partition("=")
+        if not (sep and task and folder):
+            raise SystemExit(f"--main {item!r}: write TASK=DIR, e.g. pose_video=models/motion")
+        given[task] = folder
+    return {**MAIN_NETWORKS, **given}
 
 
 def launch_all(args) -> None:
@@ -210,11 +236,18 @@ def reach_step(curve: list[tuple[int, float]], level: float) -> int | None:
     return None
 
 
+def task_metrics(task: str) -> tuple[str, str]:
+    """(fidelity metric, feature-distance key) that validation logs for ``task``."""
+    from lisa_control.data.tasks import get_task
+    from lisa_control.eval.feature_distance import feature_distance_name
+
+    task = get_task(task)
+    return task.metric_name, feature_distance_name(task)
+
+
 def collect_runs(args, task: str) -> dict[str, list[dict]]:
     """Per variant, the runs' curves and logs read from their output folders."""
-    from lisa_control.data.tasks import get_task
-
-    metric = get_task(task).metric_name
+    metric, distance = task_metrics(task)
     per_variant = {}
     for variant in args.variants:
         runs = []
@@ -230,7 +263,7 @@ def collect_runs(args, task: str) -> dict[str, list[dict]]:
                     "seed": seed,
                     "curve": [(e["step"], e[metric]) for e in evals],
                     "feature_distance_curve": [
-                        (e["step"], e["feature_distance"]) for e in evals if "feature_distance" in e
+                        (e["step"], e[distance]) for e in evals if distance in e
                     ],
                     "evals": evals,
                     "aux_loss_ratio": [
@@ -317,7 +350,9 @@ def _spread(values):
     }
 
 
-def analyse(task: str, metric: str, per_variant: dict, budgets: list[int]) -> dict:
+def analyse(
+    task: str, metric: str, per_variant: dict, budgets: list[int], distance="feature_distance"
+) -> dict:
     plain = {r["seed"]: r for r in per_variant.get("plain", [])}
     speedups = {}
     for variant, runs in per_variant.items():
@@ -344,6 +379,7 @@ def analyse(task: str, metric: str, per_variant: dict, budgets: list[int]) -> di
 
     return {
         "metric": metric,
+        "feature_distance_metric": distance,
         "variants": per_variant,
         "speedup_vs_plain": speedups,
         "at_budget": at("curve"),
@@ -352,8 +388,6 @@ def analyse(task: str, metric: str, per_variant: dict, budgets: list[int]) -> di
 
 
 def summarize(args) -> dict:
-    from lisa_control.data.tasks import get_task
-
     budgets = args.budgets or sorted({args.steps // 4, args.steps // 2, args.steps})
     summary = {"tasks": {}}
     for task in args.tasks:
@@ -361,7 +395,8 @@ def summarize(args) -> dict:
             per_variant = json.loads(Path(args.from_json).read_text())["tasks"][task]["variants"]
         else:
             per_variant = collect_runs(args, task)
-        summary["tasks"][task] = analyse(task, get_task(task).metric_name, per_variant, budgets)
+        metric, distance = task_metrics(task)
+        summary["tasks"][task] = analyse(task, metric, per_variant, budgets, distance)
     return summary
 
 
@@ -449,7 +484,8 @@ def main(argv=None):
                 f"{b}: " + ("-" if v is None else format(v["mean"], ".3g"))
                 for b, v in budgets.items()
             )
-            print(f"{task:18s} {variant:12s} feature distance at {cells}")
+            name = info["feature_distance_metric"].replace("_", " ")
+            print(f"{task:18s} {variant:12s} {name} at {cells}")
     print(f"wrote {out}")
 
 

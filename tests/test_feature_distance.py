@@ -1,13 +1,14 @@
-"""The task-feature Fréchet distance: the formula against an independent computation, and the
-yardstick on real renders (real beats blank, noise and blurred images)."""
+"""The task-feature Fréchet distance: the formula against an independent computation, the
+yardstick on real renders (real beats blank, noise and blurred images), and its video variant
+(shuffled or frozen real clips are far from real ones)."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lisa_control.data.tasks import get_task
 from lisa_control.core.errors import ConfigError
+from lisa_control.data.tasks import get_task
 from lisa_control.eval.feature_distance import (
     NUM_TRANSFORMS,
     TaskFeatureDistance,
@@ -85,3 +86,70 @@ def test_real_renders_are_closer_than_blank_noise_or_blur(pose_distance):
     assert fd_real < 0.5 * min(fd_blank, fd_noise, fd_blur), (fd_real, fd_blank, fd_noise, fd_blur)
     with pytest.raises(ConfigError, match=r"\(N, 3, H, W\)"):
         pose_distance(real[:, :1])
+
+
+# ----------------------------------------------------------------------------- videos
+
+
+def shuffled_frames(videos: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Each clip (3, F, H, W) with its frames in a random order other than its own."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for clip in videos:
+        order = torch.randperm(clip.shape[1], generator=g)
+        if torch.equal(order, torch.arange(len(order))):
+            order = order.roll(1)
+        out.append(clip[:, order])
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def pose_video_distance():
+    task = get_task("pose_video", resolution=32, frames=8)
+    return TaskFeatureDistance(
+        task, reference_size=128, train_steps=150, pool=128, batch_size=32, device="cpu"
+    ).prepare()
+
+
+def test_video_distance_rises_when_the_frames_of_real_clips_are_shuffled(pose_video_distance):
+    """Held-out real clips are close to the reference clips; the same clips with their frames
+    shuffled, or frozen on their first frame, are far, though every frame is a real render."""
+    from lisa_control.eval.video_features import TaskVideoFeatureNetwork
+
+    distance = pose_video_distance
+    assert isinstance(distance.network, TaskVideoFeatureNetwork)
+    real = render(distance.task, seed=5, count=96)
+    assert real.shape == (96, 3, 8, 32, 32)
+    fd_real = distance(real)
+    fd_shuffled = distance(shuffled_frames(real))
+    fd_frozen = distance(real[:, :, :1].expand_as(real))
+    assert fd_shuffled > 3 * fd_real and fd_frozen > 3 * fd_real, (fd_real, fd_shuffled, fd_frozen)
+    # The frames alone cannot tell: the set of frames is the same, so their pooled features are.
+    shuffled_features = distance.features(shuffled_frames(real))
+    dim = shuffled_features.shape[1] // 3
+    torch.testing.assert_close(shuffled_features[:, :dim], distance.features(real)[:, :dim])
+    with pytest.raises(ConfigError, match="4 frames but the video feature distance compares"):
+        distance(real[:, :, :4])
+    with pytest.raises(ConfigError, match=r"takes videos \(N, 3, F, H, W\)"):
+        distance(real[:, :, 0])
+
+
+def test_video_features_pool_frames_their_speed_and_acceleration():
+    """On a frame network whose feature map is each frame's brightness: the features are the
+    mean brightness, the mean |change| and the mean |change of the change| over frames."""
+    from lisa_control.eval.video_features import TaskVideoFeatureNetwork
+
+    class Brightness(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def feature_maps(self, images):
+            return images.mean(dim=1, keepdim=True)  # (N, 1, H, W)
+
+    levels = torch.tensor([0.0, 1.0, 3.0, 6.0])  # speeds 1, 2, 3; accelerations 1, 1
+    videos = levels.view(1, 1, 4, 1, 1).expand(2, 3, 4, 2, 2)
+    net = TaskVideoFeatureNetwork(Brightness())
+    torch.testing.assert_close(net.features(videos), torch.tensor([[2.5, 2.0, 1.0]] * 2))
+    two = net.features(videos[:, :, :2])  # too short for an acceleration
+    torch.testing.assert_close(two, torch.tensor([[0.5, 1.0, 0.0]] * 2))

@@ -756,11 +756,11 @@ BAD_VIDEO_CASES = {
     ),
     "frame_counts": (
         {"video": "a.gif", "conditioning_video": "short.gif", "text": "x"},
-        r"the video has 6 frames but its condition has 3",
+        r"the video 'a\.gif' has 6 frames but its condition 'short\.gif' has 3",
     ),
     "too_few_frames": (
         {"video": "short.gif", "conditioning_video": "short.gif", "text": "x"},
-        r"has 3 frames, too few for 4 frames 1 apart",
+        r"the video 'short\.gif' has 3 frames, too few for 4 frames 1 apart",
     ),
     "fps_not_a_number": (
         {"video": "a.gif", "conditioning_video": "a.gif", "text": "x", "fps": "fast"},

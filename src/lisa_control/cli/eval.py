@@ -1,11 +1,13 @@
 """``lisa eval``: sample a test split with a trained side network (or every checkpoint of a run)
 and score the samples: condition fidelity (an embedded task's own metric, or a condition
 re-extracted from each sample), a Fréchet distance and, with a local CLIP model, a CLIP score.
-Writes eval.json, samples.png and, for a checkpoint series, curve.json and curve.png.
+Writes eval.json, samples.png (video models: samples.gif and samples_frames.png) and, for a
+checkpoint series, curve.json and curve.png.
 
   lisa eval --controlnet OUT/controlnet --task pose --output_dir eval/
   lisa eval --checkpoints 'OUT/checkpoint-*' --test_data_dir test/ --extractor edges \\
       --pretrained_model_name_or_path MODEL --threshold 0.6 --output_dir eval/
+  lisa eval --checkpoints 'VIDEO_RUN/checkpoint-*' --task pose_video --output_dir eval/
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(
         p.add_argument_group("test split (one of; neither: the task the main model names)")
     )
+    _video_arguments(p.add_argument_group("video models (AnimateDiff)"))
     _sampling_arguments(p.add_argument_group("sampling"))
     _metric_arguments(p.add_argument_group("metrics"))
     p.add_argument("--sheet_rows", type=int, default=16, help="rows of samples.png")
@@ -88,6 +91,32 @@ def _data_arguments(data) -> None:
     )
 
 
+def _video_arguments(video) -> None:
+    video.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="frames per clip (default: the run's --num_frames, else the task's, else 8)",
+    )
+    video.add_argument("--video_column", default="video", help="metadata column of the test videos")
+    video.add_argument(
+        "--conditioning_video_column",
+        default="conditioning_video",
+        help="metadata column of the condition videos",
+    )
+    video.add_argument(
+        "--frame_stride", type=int, default=1, help="take every n-th frame of a test video"
+    )
+    video.add_argument(
+        "--frame_rate",
+        type=float,
+        default=None,
+        help="sample test videos at this rate (frames per second), from each row's --fps_column; "
+        "also the rate of the written GIFs (default 8)",
+    )
+    video.add_argument("--fps_column", default="fps", help="metadata column of the frame rates")
+
+
 def _sampling_arguments(gen) -> None:
     gen.add_argument("--resolution", type=int, default=None, help="default: the model's own")
     gen.add_argument("--num_inference_steps", type=int, default=20)
@@ -136,13 +165,17 @@ def _metric_arguments(score) -> None:
         help="training steps of the feature network the Fréchet distance uses",
     )
     score.add_argument(
-        "--feature_pool", type=int, default=4096, help="task renders it trains on (tasks)"
+        "--feature_pool",
+        type=int,
+        default=None,
+        help="task renders it trains on (tasks; default 4096 images or 512 clips)",
     )
     score.add_argument(
         "--feature_reference_size",
         type=int,
         default=1024,
-        help="task renders the samples are compared with (tasks; user data: the test images)",
+        help="task renders (clips for a video task) the samples are compared with (tasks; user "
+        "data: the test images or clips)",
     )
     score.add_argument("--clip_model", default=None, help="a local CLIP folder: CLIP score")
     score.add_argument(

@@ -46,6 +46,7 @@ from .folder import (
     _check_proportion,
     _check_seed,
     _describe_value,
+    _file_label,
     _listing,
     _open_source,
     caption_problem,
@@ -329,7 +330,10 @@ class VideoControlDataset(torch.utils.data.Dataset):
                 if problem:
                     problems.append(f"{where}, column '{self.fps_column}' {problem}")
             elif self.frame_rate is not None:
-                problems.append(f"{where} has no '{self.fps_column}' key, which --frame_rate needs")
+                problems.append(
+                    f"{where} has no '{self.fps_column}' key, which --frame_rate needs; add it "
+                    f'(e.g. "{self.fps_column}": 24) or drop --frame_rate'
+                )
         if problems:
             raise DataError(
                 f"{self._source.name} has {len(problems)} problem(s): {_listing(problems)}"
@@ -396,18 +400,21 @@ class VideoControlDataset(torch.utils.data.Dataset):
         record = self._source.record(self._rows[index])
         video, video_rate = self._video(record, index, self.video_column, "image")
         condition, _ = self._video(record, index, self.conditioning_video_column, "condition")
+        video_file = _file_label(record, self.video_column)
+        condition_file = _file_label(record, self.conditioning_video_column)
         if len(video) != len(condition):
             raise DataError(
-                f"{self._where(index)}: the video has {len(video)} frames but its condition has "
-                f"{len(condition)}; make the condition video from the clip, frame for frame"
+                f"{self._where(index)}: the video {video_file} has {len(video)} frames but its "
+                f"condition {condition_file} has {len(condition)}; make the condition video from "
+                "the clip, frame for frame"
             )
         stride = self._stride(record, index, video_rate)
         needed = (self.num_frames - 1) * stride + 1
         if len(video) < needed:
             raise DataError(
-                f"{self._where(index)}: the video has {len(video)} frames, too few for "
-                f"{self.num_frames} frames {stride} apart ({needed} needed); use a longer clip "
-                "or lower --num_frames"
+                f"{self._where(index)}: the video {video_file} has {len(video)} frames, too few "
+                f"for {self.num_frames} frames {stride} apart ({needed} needed); use a longer "
+                "clip or lower --num_frames"
             )
         if not same_aspect(video[0].size, condition[0].size):
             raise DataError(
@@ -444,6 +451,10 @@ class VideoControlDataset(torch.utils.data.Dataset):
             "caption": caption,
             "index": index,
         }
+
+    def record(self, index: int) -> dict:
+        """The metadata row (or dataset row) of item ``index``, as given."""
+        return self._source.record(self._rows[index])
 
     def validate(self, max_items: int | None = None) -> int:
         """Read the first ``max_items`` items (or all); one DataError lists the problems."""

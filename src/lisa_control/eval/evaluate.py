@@ -19,11 +19,21 @@ Further metrics: a Fréchet distance (features of the project's feature network,
 features with ``inception_weights``) to the task's reference renders or the real test images,
 and a CLIP score with a local CLIP folder.
 
+Video side networks (a main network whose family ``takes_video``, such as AnimateDiff) are
+evaluated by the same steps on clips: conditions (N, C, F, R, R) and samples (N, 3, F, R, R).
+The test split is a video task's held-out clips (``pose_video``: per-frame PCK, temporal
+consistency, motion error) or a folder whose ``metadata.jsonl`` names videos and condition
+videos (read by :class:`~lisa_control.data.video_folder.VideoControlDataset`, ``num_frames``
+frames per clip); the Fréchet distance is the task-feature video Fréchet distance
+(``video_frechet_distance``, see ``eval/video_features.py``); an extractor and the CLIP score
+are taken frame by frame and averaged over each clip's frames.
+
 Outputs in ``output_dir``: ``eval.json`` (command, settings, test split, metrics, per-condition
 scores, and the per-checkpoint metrics of a series), ``samples.png`` (condition | sample |
-real image [| re-extracted condition] per row), and for a series ``samples-step-N.png``,
-``curve.json`` and ``curve.png`` (the metric against the training step, with the first step
-that reaches ``threshold``).
+real image [| re-extracted condition] per row; for videos ``samples.gif``, those rows animated,
+and ``samples_frames.png``, each clip's frames side by side), and for a series
+``samples-step-N.png`` (``.gif`` and ``_frames.png``), ``curve.json`` and ``curve.png`` (the
+metric against the training step, with the first step that reaches ``threshold``).
 """
 
 from __future__ import annotations
@@ -38,10 +48,20 @@ import torch
 from ..core.errors import ConfigError, DataError, ModelError
 from .curves import SideNetworkAt, find_checkpoints, plot_curve, steps_to_threshold
 from .images import image_grid, to_uint8
+from .video import DEFAULT_FPS
 
 DEFAULT_TASK_CONDITIONS = 64
+# Frames per clip of a video test folder when neither --num_frames nor the run sets it (what
+# `lisa train` takes from a video folder).
+DEFAULT_NUM_FRAMES = 8
 # Metrics where smaller is better; every other one is better when larger.
-LOWER_IS_BETTER = {"frechet_distance", "depth_mae", "joint_error"}
+LOWER_IS_BETTER = {
+    "frechet_distance",
+    "video_frechet_distance",
+    "depth_mae",
+    "joint_error",
+    "motion_error",
+}
 # User images are scaled down to at most this size for the feature network (it pools globally,
 # so any size works; this bounds its training cost on large photos).
 FEATURE_MAX_SIZE = 128
@@ -83,12 +103,18 @@ class EvalConfig:
     frechet: bool = True
     inception_weights: str | None = None
     feature_train_steps: int = 1500
-    feature_pool: int = 4096
+    feature_pool: int | None = None
     feature_reference_size: int = 1024
     clip_model: str | None = None
     threshold: float | None = None
     curve_metric: str | None = None
     sheet_rows: int = 16
+    num_frames: int | None = None
+    video_column: str = "video"
+    conditioning_video_column: str = "conditioning_video"
+    fps_column: str = "fps"
+    frame_stride: int = 1
+    frame_rate: float | None = None
     allow_pickle: bool = False
     device: str | None = None
     command: str | None = None
@@ -99,7 +125,8 @@ class TestSplit:
     """Conditions to sample and what scores the samples.
 
     ``conditions`` (N, C, R, R) in [0, 1]; ``real`` (N, 3, R, R) in [-1, 1], the images the
-    conditions belong to; ``indices`` seed each condition's noise."""
+    conditions belong to; ``indices`` seed each condition's noise. Video splits hold clips:
+    (N, C, F, R, R) and (N, 3, F, R, R)."""
 
     kind: str  # "task" or "folder"
     conditions: torch.Tensor
@@ -110,6 +137,10 @@ class TestSplit:
     info: dict = field(default_factory=dict)
     task: object = None
     task_samples: list | None = None
+
+    @property
+    def video(self) -> bool:
+        return self.conditions.ndim == 5
 
 
 # ----------------------------------------------------------------------------- checks
@@ -127,14 +158,24 @@ def check_config(cfg: EvalConfig) -> None:
             "pass --task NAME (an embedded task's held-out conditions) or --test_data_dir DIR "
             "(your test split), not both."
         )
-    positive = ("num_inference_steps", "batch_size", "feature_train_steps", "feature_pool",
-                "feature_reference_size", "sheet_rows")  # fmt: skip
+    positive = ("num_inference_steps", "batch_size", "feature_train_steps",
+                "feature_reference_size", "sheet_rows", "frame_stride")  # fmt: skip
     for flag in positive:
         value = getattr(cfg, flag)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"--{flag} must be a whole number >= 1, got {value!r}.")
-    if cfg.num_conditions is not None and cfg.num_conditions < 1:
-        raise ConfigError(f"--num_conditions must be >= 1, got {cfg.num_conditions}.")
+    for flag in ("num_conditions", "num_frames", "feature_pool"):
+        value = getattr(cfg, flag)
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ConfigError(f"--{flag} must be >= 1, got {value}.")
+    if cfg.frame_rate is not None:
+        from ..data.video_folder import fps_problem
+
+        if fps_problem(cfg.frame_rate):
+            raise ConfigError(
+                f"--frame_rate must be a positive number (frames per second), got "
+                f"{cfg.frame_rate!r}."
+            )
     if cfg.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {cfg.seed}.")
     if cfg.extractor and not cfg.test_data_dir:
@@ -176,7 +217,7 @@ def run_config(side_networks: list[SideNetworkAt]) -> tuple[dict, Path | None]:
 def fill_from_run(cfg: EvalConfig, run: dict, path: Path | None, notes: list[str]) -> None:
     """Unset model settings from the training run's config (never the test split)."""
     taken = []
-    for key in ("side_network", "pretrained_model_name_or_path", "resolution"):
+    for key in ("side_network", "pretrained_model_name_or_path", "resolution", "num_frames"):
         if getattr(cfg, key) is None and run.get(key) is not None:
             setattr(cfg, key, run[key])
             taken.append(f"{key}={run[key]}")
@@ -194,15 +235,15 @@ def fill_from_run(cfg: EvalConfig, run: dict, path: Path | None, notes: list[str
 def task_split(task, count: int, seed: int) -> TestSplit:
     """The held-out conditions of an embedded task, as validation draws them; their captions are
     the prompts (models without text, such as the shipped ones, get the null context from them,
-    as validation does)."""
+    as validation does). A video task's are clips, channels first: (C, F, R, R)."""
     from .validation import HELD_OUT_SEED, held_out_task_samples
 
     samples = held_out_task_samples(task, count, seed)
     conditions = torch.stack(
-        [torch.from_numpy(s.condition).permute(2, 0, 1).float() / 255 for s in samples]
+        [torch.from_numpy(s.condition).movedim(-1, 0).float() / 255 for s in samples]
     )
     real = torch.stack(
-        [torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1 for s in samples]
+        [torch.from_numpy(s.image.astype(np.float32)).movedim(-1, 0) / 127.5 - 1 for s in samples]
     )
     return TestSplit(
         kind="task",
@@ -217,6 +258,7 @@ def task_split(task, count: int, seed: int) -> TestSplit:
             "resolution": task.resolution,
             "held_out_seed": HELD_OUT_SEED + seed,
             "num_conditions": count,
+            **({"num_frames": task.frames} if getattr(task, "frames", None) else {}),
         },
         task=task,
         task_samples=samples,
@@ -242,24 +284,17 @@ def test_data_source(path: str) -> Path:
     return folder
 
 
-def folder_split(cfg: EvalConfig, resolution: int, channels: int, multiple: int) -> TestSplit:
+def folder_split(
+    cfg: EvalConfig, resolution: int, channels: int, multiple: int, video: bool = False
+) -> TestSplit:
     """The rows of a test folder (all, or ``num_conditions`` of them chosen with the seed, in
-    their order), centre-cropped as in training."""
-    from ..data.folder import METADATA_FILE, ControlDataset
+    their order), centre-cropped as in training; with ``video``, clips of a folder naming videos
+    and condition videos (``num_frames`` frames each, default 8)."""
+    from ..data.folder import METADATA_FILE
 
     source = test_data_source(cfg.test_data_dir)
     try:
-        dataset = ControlDataset(
-            source,
-            resolution=resolution,
-            image_column=cfg.image_column,
-            conditioning_image_column=cfg.conditioning_image_column,
-            caption_column=cfg.caption_column,
-            condition_channels=channels,
-            seed=cfg.seed,
-            resolution_multiple=multiple,
-            split=cfg.split,
-        )
+        dataset = _test_dataset(cfg, source, resolution, channels, multiple, video)
     except DataError as err:
         raise DataError(
             f"no usable test split in --test_data_dir {cfg.test_data_dir}: {err}"
@@ -269,15 +304,43 @@ def folder_split(cfg: EvalConfig, resolution: int, channels: int, multiple: int)
     if cfg.num_conditions is not None and cfg.num_conditions < total:
         chosen = np.random.default_rng(cfg.seed).permutation(total)[: cfg.num_conditions]
         indices = sorted(int(i) for i in chosen)
-    items = [dataset[i] for i in indices]
+    items, problems = [], []
+    for i in indices:  # every unusable item is named at once
+        try:
+            items.append(dataset[i])
+        except DataError as err:
+            problems.append(str(err))
+    if problems:
+        from ..data.folder import _listing
+
+        raise DataError(
+            f"--test_data_dir {cfg.test_data_dir}: {len(problems)} of {len(indices)} test items "
+            f"cannot be used: {_listing(problems)}"
+        )
     names = [str(i) for i in indices]
     metadata = source / METADATA_FILE
-    if metadata.is_file():
+    if video:
+        from .conditions import unique_names
+
+        cells = [dataset.record(i).get(cfg.conditioning_video_column) for i in indices]
+        if all(isinstance(c, str) for c in cells):
+            names = unique_names([Path(c).stem for c in cells], reserved=())
+    elif metadata.is_file():
         from .conditions import metadata_conditions, unique_names
 
         rows = metadata_conditions(metadata, cfg.conditioning_image_column, None)
         if len(rows) == total:
             names = unique_names([rows[i].path.stem for i in indices], reserved=())
+    info = {
+        "kind": "folder",
+        "path": str(source),
+        "rows": total,
+        "num_conditions": len(indices),
+        "selection_seed": cfg.seed if len(indices) < total else None,
+    }
+    if video:
+        info.update(num_frames=dataset.num_frames, frame_stride=dataset.frame_stride,
+                    frame_rate=dataset.frame_rate)  # fmt: skip
     return TestSplit(
         kind="folder",
         conditions=torch.stack([item["conditioning_pixel_values"] for item in items]),
@@ -285,13 +348,42 @@ def folder_split(cfg: EvalConfig, resolution: int, channels: int, multiple: int)
         names=names,
         indices=indices,
         real=torch.stack([item["pixel_values"] for item in items]),
-        info={
-            "kind": "folder",
-            "path": str(source),
-            "rows": total,
-            "num_conditions": len(indices),
-            "selection_seed": cfg.seed if len(indices) < total else None,
-        },
+        info=info,
+    )
+
+
+def _test_dataset(cfg: EvalConfig, source: Path, resolution, channels, multiple, video: bool):
+    """The dataset that reads the test folder: clips for a video model, images otherwise."""
+    if video:
+        from ..data.video_folder import VideoControlDataset
+
+        return VideoControlDataset(
+            source,
+            resolution=resolution,
+            num_frames=cfg.num_frames or DEFAULT_NUM_FRAMES,
+            frame_stride=cfg.frame_stride,
+            frame_rate=cfg.frame_rate,
+            video_column=cfg.video_column,
+            conditioning_video_column=cfg.conditioning_video_column,
+            caption_column=cfg.caption_column,
+            fps_column=cfg.fps_column,
+            condition_channels=channels,
+            seed=cfg.seed,
+            resolution_multiple=multiple,
+            split=cfg.split,
+        )
+    from ..data.folder import ControlDataset
+
+    return ControlDataset(
+        source,
+        resolution=resolution,
+        image_column=cfg.image_column,
+        conditioning_image_column=cfg.conditioning_image_column,
+        caption_column=cfg.caption_column,
+        condition_channels=channels,
+        seed=cfg.seed,
+        resolution_multiple=multiple,
+        split=cfg.split,
     )
 
 
@@ -300,12 +392,16 @@ def folder_split(cfg: EvalConfig, resolution: int, channels: int, multiple: int)
 
 class FrechetScorer:
     """Fréchet distance of samples to the split's real images (the task's reference renders for
-    an embedded task), on one set of features prepared once for every checkpoint."""
+    an embedded task), on one set of features prepared once for every checkpoint. Video splits
+    get the task-feature video Fréchet distance (``video_frechet_distance``): the frame network
+    trained on the frames of the task's clips (or of the real test clips), its features pooled
+    with their frame-to-frame changes (``eval/video_features.py``)."""
 
     def __init__(self, split: TestSplit, cfg: EvalConfig, device, inception=None):
         self.info: dict = {}
         self.inception = inception
         self.network = None
+        self.key = "video_frechet_distance" if split.video else "frechet_distance"
         if inception is not None:
             self.real = split.real
             if split.task is not None:
@@ -336,21 +432,25 @@ class FrechetScorer:
                 real, None, steps=cfg.feature_train_steps, device=device
             )
             self.reference = self._features(split.real)
-            what = "the real test images"
+            what = "the real test clips" if split.video else "the real test images"
         self.info = {
             "features": f"task feature network trained on {what}",
             "feature_train_steps": cfg.feature_train_steps,
             "feature_accuracy": self.accuracy,
             "reference_size": len(self.reference),
         }
+        if split.video:
+            self.info["features"] = (
+                f"task-feature video Fréchet distance (not FVD): frame features of a network "
+                f"trained on the frames of {what}, pooled with their frame-to-frame speed and "
+                "acceleration"
+            )
+            self.info["num_frames"] = split.real.shape[2]
 
-    @torch.no_grad()
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        device = next(self.network.parameters()).device
-        images = _feature_size(images)
-        return torch.cat(
-            [self.network.features(c.to(device).float()).cpu() for c in images.split(256)]
-        )
+        from .feature_distance import network_features
+
+        return network_features(self.network, _feature_size(images))
 
     def __call__(self, images: torch.Tensor) -> dict:
         if self.inception is not None:
@@ -361,14 +461,21 @@ class FrechetScorer:
         self.info["backend"] = backend
         if backend != "torchmetrics":
             self.info["note"] = "torchmetrics is not installed: the project's own Fréchet formula"
-        return {"frechet_distance": value}
+        return {self.key: value}
 
 
 def _feature_size(images: torch.Tensor) -> torch.Tensor:
-    """Images larger than FEATURE_MAX_SIZE scaled down (antialiased) for the feature network."""
+    """Images (or every frame of videos) larger than FEATURE_MAX_SIZE scaled down (antialiased)
+    for the feature network."""
     size = max(images.shape[-2:])
     if size <= FEATURE_MAX_SIZE:
         return images
+    if images.ndim == 5:
+        from .video_features import to_frames
+
+        n, f = images.shape[0], images.shape[2]
+        frames = _feature_size(to_frames(images))
+        return frames.reshape(n, f, *frames.shape[1:]).transpose(1, 2)
     scale = FEATURE_MAX_SIZE / size
     out = (round(images.shape[-2] * scale), round(images.shape[-1] * scale))
     return torch.nn.functional.interpolate(
@@ -397,8 +504,8 @@ class Scorer:
         elif extractor is not None:
             self.metric = self.extractor.metric_name
             self.higher_is_better = self.extractor.higher_is_better
-            given = to_uint8(split.conditions, signed=False)
-            scores = self.extractor.compare(self.extractor.extract(to_uint8(split.real)), given)
+            given = _pictures(split.conditions, signed=False)
+            scores = self.extractor.compare(self.extractor.extract(_pictures(split.real)), given)
             self.reference = {f"reference_{k}": float(np.mean(v)) for k, v in scores.items()}
         else:
             self.metric, self.higher_is_better = None, True
@@ -418,14 +525,14 @@ class Scorer:
             else:
                 notes.append("no CLIP score: the test split has no prompts")
         if self.metric is None:
-            self.metric = (
-                "frechet_distance" if self.frechet else "clip_score" if self.clip else None
-            )
-            self.higher_is_better = self.metric != "frechet_distance"
+            self.metric = self.frechet.key if self.frechet else "clip_score" if self.clip else None
+            self.higher_is_better = self.metric not in LOWER_IS_BETTER
 
     def __call__(self, images: torch.Tensor) -> tuple[dict, list[dict], np.ndarray | None]:
         """(metrics, per-condition scores, re-extracted conditions or None) of samples (N, 3,
-        R, R) in [-1, 1], one per condition in the split's order."""
+        R, R) in [-1, 1], one per condition in the split's order. Video samples (N, 3, F, R, R):
+        an extractor and the CLIP score run on every frame, a clip's score is the mean over its
+        frames, and the re-extracted conditions are clips (N, F, ...)."""
         split = self.split
         metrics: dict[str, float] = {}
         per_condition: list[dict] = [
@@ -441,41 +548,118 @@ class Scorer:
                 single = split.task.fidelity(images[k : k + 1], split.task_samples[k : k + 1])
                 row.update(single)
         elif self.extractor is not None:
-            extracted = self.extractor.extract(to_uint8(images))
-            scores = self.extractor.compare(extracted, to_uint8(split.conditions, signed=False))
+            extracted = self.extractor.extract(_pictures(images))
+            scores = self.extractor.compare(extracted, _pictures(split.conditions, signed=False))
+            scores = {k: _per_sample(v, len(images)) for k, v in scores.items()}
             metrics.update({k: float(np.mean(v)) for k, v in scores.items()})
             for k, row in enumerate(per_condition):
                 row.update({name: float(v[k]) for name, v in scores.items()})
             metrics.update(self.reference)
+            if split.video:
+                extracted = extracted.reshape(len(images), -1, *extracted.shape[1:])
         if self.frechet is not None:
             metrics.update(self.frechet(images))
         if self.clip is not None:
-            clip = self.clip(to_uint8(images), split.prompts)
+            frames = images.shape[2] if split.video else 1
+            prompts = [p for p in split.prompts for _ in range(frames)]
+            clip = _per_sample(self.clip(_pictures(images), prompts), len(images))
             metrics["clip_score"] = float(clip.mean())
             for k, row in enumerate(per_condition):
                 row["clip_score"] = float(clip[k])
         return metrics, per_condition, extracted
 
 
-def sample_sheet(split: TestSplit, images: torch.Tensor, extracted, rows: int):
-    """condition | sample | real image [| condition re-extracted from the sample] per row."""
+def _pictures(samples: torch.Tensor, signed: bool = True) -> np.ndarray:
+    """uint8 pictures (M, H, W, 3) of images (N, C, H, W), or of every frame of videos
+    (N, C, F, H, W), video by video (M = N * F)."""
+    if samples.ndim == 5:
+        from .video import video_to_uint8
+
+        frames = video_to_uint8(samples, signed)
+        return frames.reshape(-1, *frames.shape[2:])
+    return to_uint8(samples, signed)
+
+
+def _per_sample(scores: np.ndarray, count: int) -> np.ndarray:
+    """Per-picture scores (M,) as one per sample (``count``,): the mean over each video's
+    frames (M = count * F), the scores themselves for images."""
+    return np.asarray(scores, dtype=np.float64).reshape(count, -1).mean(axis=1)
+
+
+def sample_rows(split: TestSplit, images: torch.Tensor, extracted, rows: int) -> list[list]:
+    """condition | sample | real image [| condition re-extracted from the sample] for the first
+    ``rows`` conditions: uint8 images (H, W, 3), or clips (F, H, W, 3) for videos."""
+    from .video import video_to_uint8
+
     n = min(rows, len(split.indices))
+    pictures = video_to_uint8 if split.video else to_uint8
     columns = [
-        to_uint8(split.conditions[:n], signed=False),
-        to_uint8(images[:n]),
-        to_uint8(split.real[:n]),
+        pictures(split.conditions[:n], signed=False),
+        pictures(images[:n]),
+        pictures(split.real[:n]),
     ]
     if extracted is not None:
         columns.append(extracted[:n])
-    return image_grid([[c[i] for c in columns] for i in range(n)])
+    return [[c[i] for c in columns] for i in range(n)]
+
+
+def write_samples(split: TestSplit, images, extracted, rows: int, stem: Path, fps: float) -> None:
+    """The sample sheet of :func:`sample_rows`: ``<stem>.png`` for images; for videos
+    ``<stem>.gif`` (the rows animated at ``fps``) and ``<stem>_frames.png`` (each clip's frames
+    side by side, one line per clip)."""
+    grid = sample_rows(split, images, extracted, rows)
+    if split.video:
+        from .video import write_animation
+
+        write_animation(grid, stem.with_suffix(".gif"), f"{stem}_frames.png", fps)
+    else:
+        image_grid(grid).save(stem.with_suffix(".png"))
 
 
 # ----------------------------------------------------------------------------- the run
 
 
+def check_video_settings(cfg: EvalConfig, model, inception) -> None:
+    """Refuse settings that do not fit the kind of main network: video flags for an image
+    model, Inception features for videos."""
+    if model.family.takes_video:
+        if inception is not None:
+            raise ConfigError(
+                "--inception_weights scores images, but this main network makes videos; drop it "
+                "(videos are scored by the task-feature video Fréchet distance)."
+            )
+        return
+    if cfg.num_frames is not None:
+        raise ConfigError(
+            f"--num_frames is for video models, but the main network ({model.family.name}) makes "
+            "images; drop it."
+        )
+
+
+def task_for_model(name: str, model, resolution: int, num_frames: int | None):
+    """The embedded task ``name`` at ``resolution`` (with ``num_frames`` frames per clip for a
+    video task), refused when it renders images for a video model or the reverse."""
+    from ..data.tasks import get_task
+    from .feature_distance import is_video_task
+
+    task = get_task(name, resolution=resolution)
+    video_task = is_video_task(task)
+    if video_task != model.family.takes_video:
+        makes = "videos" if model.family.takes_video else "images"
+        raise ConfigError(
+            f"--task {name} renders {'videos' if video_task else 'images'} but the main network "
+            f"({model.family.name}) makes {makes}; pass a task of its kind (pose_video for video "
+            "models; pose, edges, ... for image models)."
+        )
+    if video_task and num_frames is not None:
+        task = get_task(name, resolution=resolution, frames=num_frames)
+    return task
+
+
 def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
     """Run ``lisa eval``; returns what it writes to ``eval.json`` (plus ``"images"``: the
-    samples of the last side network, (N, 3, R, R) in [-1, 1], not written)."""
+    samples of the last side network, (N, 3, R, R) in [-1, 1], or videos (N, 3, F, R, R), not
+    written)."""
     from ..families.loading import load_main_model
     from .generate import SideNetworkSampler
 
@@ -519,15 +703,18 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
             encoders=encoders,
         )
 
+    video = model.family.takes_video
+    check_video_settings(cfg, model, inception)
     sampler = sampler_for(side_networks[0])
     task_name = cfg.task or (None if cfg.test_data_dir else model.task)
     if cfg.test_data_dir:
-        split = folder_split(cfg, resolution, sampler.condition_channels, model.resolution_multiple)
+        split = folder_split(
+            cfg, resolution, sampler.condition_channels, model.resolution_multiple, video
+        )
     elif task_name:
-        from ..data.tasks import get_task
-
         count = cfg.num_conditions or DEFAULT_TASK_CONDITIONS
-        split = task_split(get_task(task_name, resolution=resolution), count, cfg.seed)
+        task = task_for_model(task_name, model, resolution, cfg.num_frames)
+        split = task_split(task, count, cfg.seed)
     else:
         raise ConfigError(
             "no test split: pass --test_data_dir DIR (a folder with metadata.jsonl: image, "
@@ -561,11 +748,12 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
             progress=progress,
         )
         metrics, per_condition, extracted = scorer(images)
-        sheet = sample_sheet(split, images, extracted, cfg.sheet_rows)
+        fps = cfg.frame_rate or DEFAULT_FPS
         if series:
-            sheet.save(out / f"samples-step-{side.step}.png")
+            write_samples(split, images, extracted, cfg.sheet_rows,
+                          out / f"samples-step-{side.step}", fps)  # fmt: skip
         if k == len(side_networks) - 1:
-            sheet.save(out / "samples.png")
+            write_samples(split, images, extracted, cfg.sheet_rows, out / "samples", fps)
         results.append({"step": side.step, "path": str(side.path), "metrics": metrics})
         if progress or series:
             shown = " ".join(f"{m} {v:.4g}" for m, v in metrics.items())

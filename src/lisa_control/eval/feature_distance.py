@@ -1,4 +1,4 @@
-"""A Fréchet distance on features of a small network trained on a task's own images.
+"""A Fréchet distance on features of a small network trained on a task's own images or videos.
 
 Inception FID needs a downloaded network and means little on 32x32 stick figures, so the project
 measures sample quality the same way on features it can make itself: a small CNN is trained, from
@@ -8,6 +8,12 @@ from a rotated one, or a sharp texture from a blurred one, needs the very statis
 must get right, so the pooled features of that CNN are a reasonable yardstick. This is **not**
 Inception FID: numbers are comparable only between runs that use the same task, resolution,
 feature seed and number of samples (the estimate is biased upwards for small sample counts).
+
+A video task (one with ``frames``, such as ``pose_video``) gets the task-feature *video*
+Fréchet distance: the same network, trained the same way on the frames of the task's clips,
+gives per-frame features, and :mod:`~lisa_control.eval.video_features` pools them with their
+frame-to-frame speed and acceleration, so that shuffled, flickering or frozen videos are far from
+real ones even when each frame looks real. It is not FVD (no I3D network).
 
     FD = |mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_r^1/2 S_g S_r^1/2)^1/2)
 """
@@ -25,6 +31,22 @@ from ..core.errors import ConfigError
 FEATURE_TRAINING_SEED = 31_337
 REFERENCE_SEED = 41_017
 NUM_TRANSFORMS = 16
+# Renders in the training pool: images, or clips for a video task (512 clips of 8 frames are
+# as many frames as the images' pool).
+POOL = {"image": 4096, "video": 512}
+# Samples per feature-extraction chunk: images, or clips (of up to 16 frames).
+CHUNK = {"image": 256, "video": 32}
+
+
+def is_video_task(task) -> bool:
+    """Whether ``task`` renders videos (it has a frame count)."""
+    return getattr(task, "frames", None) is not None
+
+
+def feature_distance_name(task) -> str:
+    """The key validation logs the task's feature distance under: ``feature_distance``, or
+    ``video_feature_distance`` for a video task (its spatio-temporal network)."""
+    return "video_feature_distance" if is_video_task(task) else "feature_distance"
 
 
 class TaskFeatureNetwork(nn.Module):
@@ -39,8 +61,12 @@ class TaskFeatureNetwork(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(feature_dim, NUM_TRANSFORMS)
 
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The last conv stage's output (N, D, H/8, W/8), before pooling."""
+        return self.body(images)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images).mean(dim=(2, 3))
+        return self.feature_maps(images).mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
@@ -66,20 +92,30 @@ def transform(images: torch.Tensor, labels: torch.Tensor, generator: torch.Gener
 
 
 def render(task, seed: int, count: int) -> torch.Tensor:
-    """``count`` renders of ``task`` from stream ``seed``, (N, 3, H, W) in [-1, 1]."""
+    """``count`` renders of ``task`` from stream ``seed`` in [-1, 1]: (N, 3, H, W), or
+    (N, 3, F, H, W) for a video task."""
     import numpy as np
 
     pixels = np.stack([task.sample(seed, i).image for i in range(count)]).astype(np.float32)
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1
+    return torch.from_numpy(pixels).movedim(-1, 1) / 127.5 - 1
 
 
 def train_feature_network(
-    task, steps: int = 1500, batch_size: int = 128, pool: int = 4096, seed: int = 0, device="cpu"
-) -> tuple[TaskFeatureNetwork, float]:
-    """Train the feature network on ``pool`` renders; returns it (eval mode) and its accuracy
-    on the transformation task over held-out renders (a check that it learned something)."""
+    task,
+    steps: int = 1500,
+    batch_size: int = 128,
+    pool: int | None = None,
+    seed: int = 0,
+    device="cpu",
+) -> tuple[nn.Module, float]:
+    """Train the feature network on ``pool`` renders (default ``POOL`` of the task's kind);
+    returns it (eval mode) and its accuracy on the transformation task over held-out renders
+    (a check that it learned something)."""
+    video = is_video_task(task)
+    pool = pool or POOL["video" if video else "image"]
     images = render(task, FEATURE_TRAINING_SEED + seed, pool)
-    held_out = render(task, FEATURE_TRAINING_SEED + seed + 1, 512)
+    # As many held-out frames for a video task as held-out images for an image task.
+    held_out = render(task, FEATURE_TRAINING_SEED + seed + 1, 512 // task.frames if video else 512)
     return fit_feature_network(images, held_out, steps, batch_size, seed, device)
 
 
@@ -90,10 +126,19 @@ def fit_feature_network(
     batch_size: int = 128,
     seed: int = 0,
     device="cpu",
-) -> tuple[TaskFeatureNetwork, float]:
+) -> tuple[nn.Module, float]:
     """Train a :class:`TaskFeatureNetwork` on ``images`` (N, 3, H, W) in [-1, 1] to tell the
     16 transformations apart; returns it (eval mode) and its accuracy on ``held_out`` (on
-    ``images`` when None)."""
+    ``images`` when None). Videos (N, 3, F, H, W): the network learns from their frames and
+    comes wrapped in a :class:`~lisa_control.eval.video_features.TaskVideoFeatureNetwork`."""
+    if images.ndim == 5:
+        from .video_features import TaskVideoFeatureNetwork, to_frames
+
+        frames = None if held_out is None else to_frames(held_out)
+        net, accuracy = fit_feature_network(
+            to_frames(images), frames, steps, batch_size, seed, device
+        )
+        return TaskVideoFeatureNetwork(net).eval(), accuracy
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     images = images.to(device)
@@ -134,49 +179,84 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 
+@torch.no_grad()
+def network_features(network: nn.Module, samples: torch.Tensor) -> torch.Tensor:
+    """Pooled features (N, D), on the CPU, of images (N, 3, H, W) or videos (N, 3, F, H, W) in
+    [-1, 1], a chunk at a time on the network's device."""
+    device = next(network.parameters()).device
+    chunk = CHUNK["video" if samples.ndim == 5 else "image"]
+    return torch.cat([network.features(c.to(device).float()).cpu() for c in samples.split(chunk)])
+
+
 class TaskFeatureDistance:
     """Callable: images (N, 3, H, W) in [-1, 1] -> Fréchet distance to ``reference_size`` real
-    renders of ``task`` on :class:`TaskFeatureNetwork` features. The network is trained on first
-    use (seconds on a GPU) and kept, so all calls of one instance share one yardstick."""
+    renders of ``task`` on :class:`TaskFeatureNetwork` features; for a video task, videos
+    (N, 3, F, H, W) with the task's F frames -> the task-feature video Fréchet distance on
+    :class:`~lisa_control.eval.video_features.TaskVideoFeatureNetwork` features
+    (``reference_size`` and ``pool`` then count clips). The network is trained on first use
+    (seconds on a GPU) and kept, so all calls of one instance share one yardstick. ``pool``
+    None: ``POOL`` of the task's kind; ``batch_size``: images (frames) per training step."""
 
     def __init__(
         self,
         task,
         reference_size: int = 1024,
         train_steps: int = 1500,
-        pool: int = 4096,
+        pool: int | None = None,
         seed: int = 0,
         device=None,
+        batch_size: int = 128,
     ):
         self.task = task
-        self.pool = pool
+        self.batch_size = batch_size
+        self.video = is_video_task(task)
+        self.pool = pool or POOL["video" if self.video else "image"]
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.reference_size = reference_size
         self.train_steps = train_steps
         self.seed = seed
-        self.network: TaskFeatureNetwork | None = None
+        self.network: nn.Module | None = None
         self.accuracy: float | None = None
         self._reference: torch.Tensor | None = None
-
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
-        device = next(self.network.parameters()).device
-        with torch.no_grad():
-            return torch.cat(
-                [self.network.features(c.to(device).float()).cpu() for c in images.split(256)]
-            )
 
     def prepare(self) -> "TaskFeatureDistance":
         if self.network is None:
             self.network, self.accuracy = train_feature_network(
-                self.task, self.train_steps, pool=self.pool, seed=self.seed, device=self.device
+                self.task,
+                self.train_steps,
+                self.batch_size,
+                pool=self.pool,
+                seed=self.seed,
+                device=self.device,
             )
-            self._reference = self._features(render(self.task, REFERENCE_SEED, self.reference_size))
+            reference = render(self.task, REFERENCE_SEED, self.reference_size)
+            self._reference = network_features(self.network, reference)
         return self
 
+    def check(self, samples: torch.Tensor) -> None:
+        """Refuse samples the network was not trained for: images (N, 3, H, W), or for a video
+        task videos (N, 3, F, H, W) with the task's frame count."""
+        if not self.video:
+            if samples.ndim != 4 or samples.shape[1] != 3:
+                raise ConfigError(f"expected images (N, 3, H, W), got {tuple(samples.shape)}.")
+            return
+        if samples.ndim != 5 or samples.shape[1] != 3:
+            raise ConfigError(
+                f"the video feature distance of {self.task.name} takes videos (N, 3, F, H, W), "
+                f"got {tuple(samples.shape)}."
+            )
+        if samples.shape[2] != self.task.frames:
+            raise ConfigError(
+                f"the videos have {samples.shape[2]} frames but the video feature distance "
+                f"compares with {self.task.frames}-frame renders of {self.task.name}; generate "
+                "as many frames as the task renders."
+            )
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features (N, D) of ``images`` (N, 3, H, W) in [-1, 1], on the CPU."""
+        """Pooled features (N, D) of ``images`` (videos for a video task) in [-1, 1], on the
+        CPU."""
         self.prepare()
-        return self._features(images)
+        return network_features(self.network, images)
 
     def reference_features(self) -> torch.Tensor:
         """Features (reference_size, D) of the real renders that ``__call__`` compares with."""
@@ -184,7 +264,6 @@ class TaskFeatureDistance:
         return self._reference
 
     def __call__(self, images: torch.Tensor) -> float:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ConfigError(f"expected images (N, 3, H, W), got {tuple(images.shape)}.")
+        self.check(images)
         self.prepare()
-        return frechet_distance(self._features(images), self._reference)
+        return frechet_distance(network_features(self.network, images), self._reference)

@@ -25,12 +25,17 @@ def held_out_task_samples(task, count: int, seed: int = 0) -> list:
 
 def score_task_samples(task, images: torch.Tensor, samples: list, feature_distance=None) -> dict:
     """The scores validation logs for one sample per held-out condition: the task's fidelity
-    metric of ``images`` (N, 3, H, W) in [-1, 1] against ``samples`` (the task samples whose
-    conditions produced them, in order), and the feature distance when one is given. The
-    convergence benchmark reads these numbers from ``validation.jsonl``."""
+    metric of ``images`` (N, 3, H, W) in [-1, 1] (a video task's videos (N, 3, F, H, W))
+    against ``samples`` (the task samples whose conditions produced them, in order), and the
+    feature distance when one is given, under
+    :func:`~lisa_control.eval.feature_distance.feature_distance_name` (``feature_distance``, or
+    ``video_feature_distance``). The convergence benchmark reads these numbers from
+    ``validation.jsonl``."""
+    from .feature_distance import feature_distance_name
+
     scores = task.fidelity(images, samples)
     if feature_distance is not None:
-        scores["feature_distance"] = feature_distance(images)
+        scores[feature_distance_name(task)] = feature_distance(images)
     return scores
 
 
@@ -149,13 +154,11 @@ class Validator:
             guidance_scale=cfg.validation_guidance_scale,
             seed=cfg.seed or 0,
         )
-        if model.family.takes_video and (cfg.validation_image or cfg.validation_feature_distance):
-            from ..core.errors import ConfigError
-
-            flag = "--validation_image" if cfg.validation_image else "--validation_feature_distance"
+        if model.family.takes_video and cfg.validation_image:
             raise ConfigError(
-                f"{flag} is for image models; video models validate on a task's held-out clips "
-                "(--task pose_video) with its metrics, or pass --validation_steps 0."
+                "--validation_image is for image models; video models validate on a task's "
+                "held-out clips (--task pose_video) with its metrics, or pass "
+                "--validation_steps 0."
             )
         if cfg.validation_image:
             from ..data.images import load_image, to_condition_tensor
@@ -197,7 +200,8 @@ class Validator:
         if cfg.validation_feature_distance:
             from .feature_distance import TaskFeatureDistance
 
-            # One fixed yardstick for every run and seed, so their numbers compare.
+            # One fixed yardstick for every run and seed, so their numbers compare; a video
+            # task's is the task-feature video Fréchet distance, on clips of its frame count.
             feature_distance = TaskFeatureDistance(task)
         return cls(
             conds,
