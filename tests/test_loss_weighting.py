@@ -163,6 +163,9 @@ def test_the_default_weighting_is_x0_where_the_objective_takes_one():
 
     sd3 = MainModel(main_network=None, scheduler=None, family=get_family("sd3"), vae=object())
     assert sd3.default_loss_weighting("flow") == "none"  # latent flow: diffusers' scheme alone
+    for name in ("flux", "wan_vace"):
+        latent = MainModel(main_network=None, scheduler=None, family=get_family(name), vae=object())
+        assert latent.default_loss_weighting("flow") == "none"
     pixel_sd3 = MainModel(main_network=None, scheduler=None, family=get_family("sd3"), vae=None)
     assert pixel_sd3.default_loss_weighting("flow") == "x0"
     unet = MainModel(main_network=None, scheduler=None, family=get_family("unet"), vae=None)

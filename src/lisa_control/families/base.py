@@ -48,6 +48,8 @@ class Family:
     packed_channels: ClassVar[int] = 1
     pretrain_architecture: ClassVar[str | None] = None
     default_objective: ClassVar[str] = "epsilon"
+    # Latent flow trains with the family's own loss (diffusers' scripts), refusing a weighting.
+    latent_flow_recipe: ClassVar[bool] = False
     takes_video: ClassVar[bool] = False
 
     def __repr__(self) -> str:
@@ -127,7 +129,10 @@ class Family:
     def default_loss_weighting(self, model: MainModel, name: str) -> str:
         """The weighting (``core.weighting``) a run of objective ``name`` gets when it names
         none: ``x0``, which reached plain ControlNet's fidelity sooner on every task and seed
-        of BENCHMARKS.md's loss-weighting runs."""
+        of BENCHMARKS.md's loss-weighting runs; ``none`` for latent flow in a family with its
+        own recipe (``latent_flow_recipe``), which takes no second weighting."""
+        if self.latent_flow_recipe and name == "flow" and not model.is_pixel_space:
+            return "none"
         return "x0"
 
     # ------------------------------------------------------------------ inference

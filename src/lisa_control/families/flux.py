@@ -356,6 +356,7 @@ class FluxFamily(Family):
     condition_in_latent_space = True
     packed_channels = 4
     default_objective = "flow"
+    latent_flow_recipe = True
 
     def load_pipeline(self, name: str, revision=None, variant=None, allow_pickle=False):
         from diffusers import FluxPipeline
@@ -408,12 +409,6 @@ class FluxFamily(Family):
             kwargs["guidance"] = torch.full((x_t.shape[0],), guidance, device=device).to(dtype)
         out = network(hidden_states=pack_latents(x_t).to(dtype), return_dict=False, **kwargs)[0]
         return unpack_latents(out, height, width)
-
-    def default_loss_weighting(self, model: MainModel, name: str) -> str:
-        """Latent flow keeps diffusers' own weighting scheme alone."""
-        if name == "flow" and not model.is_pixel_space:
-            return "none"
-        return super().default_loss_weighting(model, name)
 
     def training_objective(
         self, model: MainModel, name: str, timestep_sampler=None, weighting=None

@@ -306,6 +306,7 @@ class SD3Family(Family):
     condition_in_latent_space = True
     pretrain_architecture = "dit"
     default_objective = "flow"
+    latent_flow_recipe = True
 
     def load_pipeline(self, name: str, revision=None, variant=None, allow_pickle=False):
         from diffusers import StableDiffusion3Pipeline
@@ -347,12 +348,6 @@ class SD3Family(Family):
             timestep=timesteps,
             return_dict=False,
         )[0]
-
-    def default_loss_weighting(self, model: MainModel, name: str) -> str:
-        """Latent flow keeps diffusers' own weighting scheme alone."""
-        if name == "flow" and not model.is_pixel_space:
-            return "none"
-        return super().default_loss_weighting(model, name)
 
     def training_objective(
         self, model: MainModel, name: str, timestep_sampler=None, weighting=None

@@ -511,6 +511,7 @@ class WanVACEFamily(Family):
     side_networks = {"controlnet": WanVACEBranch}
     condition_in_latent_space = True
     default_objective = "flow"
+    latent_flow_recipe = True
     takes_video = True
 
     def load_pipeline(self, name: str, revision=None, variant=None, allow_pickle=False):
