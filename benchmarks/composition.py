@@ -265,10 +265,10 @@ def evaluate(args, main: str) -> dict:
     import torch
 
     from lisa_control.data.tasks import get_task
+    from lisa_control.eval.composition import condition_batch
     from lisa_control.eval.validation import held_out_task_samples
-    from lisa_control.families.loading import load_main_model
-
     from lisa_control.families import branch_class
+    from lisa_control.families.loading import load_main_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_main_model(main)
@@ -305,30 +305,27 @@ def evaluate(args, main: str) -> dict:
     return scores
 
 
-def condition_batch(samples, name: str):
-    import numpy as np
-    import torch
-
-    stacked = np.stack([s.meta["conditions"][name] for s in samples]).astype(np.float32)
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2) / 255
-
-
 # ----------------------------------------------------------------------------- summary
 
 
 def derived(result: dict) -> dict:
-    """Interference and joint-training gains of one (regularizer, seed)."""
+    """Interference (as `lisa eval --each_alone` reports it: each condition's own metric alone
+    minus composed, ``pose_interference`` on PCK, ``segmentation_interference`` on mIoU) and
+    joint-training gains of one (regularizer, seed)."""
+    from lisa_control.data.tasks import get_task
+    from lisa_control.eval.composition import condition_metrics, interference
+
+    conditions = RUNS["joint"]
+    metrics = condition_metrics(get_task(TASK), conditions)
+    separate = interference(
+        {c: result[f"{c}_alone"] for c in conditions}, result["composed"], metrics
+    )
+    joint = interference(
+        {c: result[f"joint_{c}_alone"] for c in conditions}, result["joint_composed"], metrics
+    )
     return {
-        "pose_interference": result["pose_alone"]["pck"] - result["composed"]["pck"],
-        "segmentation_interference": (
-            result["segmentation_alone"]["miou"] - result["composed"]["miou"]
-        ),
-        "joint_pose_interference": (
-            result["joint_pose_alone"]["pck"] - result["joint_composed"]["pck"]
-        ),
-        "joint_segmentation_interference": (
-            result["joint_segmentation_alone"]["miou"] - result["joint_composed"]["miou"]
-        ),
+        **separate,
+        **{f"joint_{k}": v for k, v in joint.items()},
         **{
             f"joint_gain_{m}": result["joint_composed"][m] - result["composed"][m]
             for m in METRICS

@@ -4,10 +4,19 @@ re-extracted from each sample), a Fréchet distance and, with a local CLIP model
 Writes eval.json, samples.png (video models: samples.gif and samples_frames.png) and, for a
 checkpoint series, curve.json and curve.png.
 
+Several side networks (``--controlnet A B``, or a run that trained one per condition) are
+composed as ``lisa sample`` composes them and scored on a task with one condition per network
+(pose_segmentation: PCK of the figure, mIoU of the background, their mean ``fidelity``);
+``--each_alone`` also scores each network alone and reports the interference it suffers from
+the others (its condition's metric alone minus composed).
+
   lisa eval --controlnet OUT/controlnet --task pose --output_dir eval/
   lisa eval --checkpoints 'OUT/checkpoint-*' --test_data_dir test/ --extractor edges \\
       --pretrained_model_name_or_path MODEL --threshold 0.6 --output_dir eval/
   lisa eval --checkpoints 'VIDEO_RUN/checkpoint-*' --task pose_video --output_dir eval/
+  lisa eval --checkpoints JOINT_RUN --each_alone --output_dir eval/
+  lisa eval --controlnet POSE_RUN SEG_RUN --conditioning_scale 1.0 0.8 --each_alone \\
+      --task pose_segmentation --output_dir eval/
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import shlex
 import sys
 
 from ..families import side_network_kinds
+from .sample import add_composition_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,14 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _side_network_arguments(p) -> None:
     which = p.add_argument_group("side networks (one of)")
-    which.add_argument("--controlnet", default=None, help="a side network folder (diffusers)")
+    which.add_argument(
+        "--controlnet",
+        nargs="+",
+        default=None,
+        help="a side network folder (diffusers), a folder holding several (a joint run's "
+        "controlnet/) or a `lisa train` output folder; several folders are composed (their "
+        "residuals summed, as `lisa sample --controlnet A B`)",
+    )
     which.add_argument(
         "--checkpoints",
         nargs="+",
         default=None,
         help="checkpoint folders of a `lisa train` run: a quoted glob such as "
         "'OUT/checkpoint-*', folders, or the run's output folder; each is evaluated and the "
-        "metric plotted against the step",
+        "metric plotted against the step (a run that trained several side networks: all of "
+        "them composed)",
+    )
+    add_composition_flags(p.add_argument_group("several side networks"))
+    p.add_argument(
+        "--each_alone",
+        action="store_true",
+        help="several side networks: also sample each alone (its scale and window kept) and "
+        "report NAME_interference, its condition's metric alone minus composed",
     )
     p.add_argument(
         "--side_network",
@@ -78,7 +103,14 @@ def _data_arguments(data) -> None:
     )
     data.add_argument("--split", default="test", help="split of a `datasets` folder")
     data.add_argument("--image_column", default="image")
-    data.add_argument("--conditioning_image_column", default="conditioning_image")
+    data.add_argument(
+        "--conditioning_image_column",
+        nargs="+",
+        default=["conditioning_image"],
+        help="metadata column of the condition images; with a task of several conditions, the "
+        "condition each side network takes, in the networks' order (default: the ones they "
+        "were trained on, else the task's in order)",
+    )
     data.add_argument(
         "--caption_column", default="text", help="prompts; '' for a split without captions"
     )
@@ -199,6 +231,10 @@ def config_from_args(args, argv) -> object:
     progress = values.pop("progress")
     values["frechet"] = not values.pop("no_frechet")
     values["caption_column"] = values["caption_column"] or None
+    for flag in ("controlnet", "conditioning_image_column", "conditioning_scale",
+                 "control_guidance_start", "control_guidance_end"):  # fmt: skip
+        if values[flag] is not None and len(values[flag]) == 1:
+            values[flag] = values[flag][0]  # one value: as the library takes it
     values["command"] = "lisa eval " + shlex.join(argv)
     return EvalConfig(**values), progress
 
@@ -212,6 +248,8 @@ def main(argv=None) -> None:
     metrics = report["metrics"]
     shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     print(shown)
+    for name, scores in report.get("alone", {}).items():
+        print(f"{name} alone: " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     if report.get("curve"):
         reached = report["curve"]["steps_to_threshold"]
         if cfg.threshold is not None:

@@ -28,12 +28,22 @@ frames per clip); the Fréchet distance is the task-feature video Fréchet dista
 (``video_frechet_distance``, see ``eval/video_features.py``); an extractor and the CLIP score
 are taken frame by frame and averaged over each clip's frames.
 
+Several side networks (``--controlnet A B``, a folder holding several, or the checkpoints of a
+run that trained one per condition) are composed as ``lisa sample`` composes them, each with its
+``conditioning_scale`` and guidance window, and scored on a task with one condition per network
+(``pose_segmentation``): the task's metrics of the composed samples (PCK, mIoU, their mean
+``fidelity``), and with ``each_alone`` every network's samples alone and its interference
+(``<name>_interference``). Which network takes which condition, and the interference, are
+:mod:`lisa_control.eval.composition`'s.
+
 Outputs in ``output_dir``: ``eval.json`` (command, settings, test split, metrics, per-condition
-scores, and the per-checkpoint metrics of a series), ``samples.png`` (condition | sample |
-real image [| re-extracted condition] per row; for videos ``samples.gif``, those rows animated,
-and ``samples_frames.png``, each clip's frames side by side), and for a series
-``samples-step-N.png`` (``.gif`` and ``_frames.png``), ``curve.json`` and ``curve.png`` (the
-metric against the training step, with the first step that reaches ``threshold``).
+scores, and the per-checkpoint metrics of a series; for a composition also ``composition``, each
+network's name, path, metric, scale and window, and with ``each_alone`` its scores ``alone``),
+``samples.png`` (condition(s) | sample [| each network alone] | real image [| re-extracted
+condition] per row; for videos ``samples.gif``, those rows animated, and ``samples_frames.png``,
+each clip's frames side by side), and for a series ``samples-step-N.png`` (``.gif`` and
+``_frames.png``), ``curve.json`` and ``curve.png`` (the metric against the training step, with
+the first step that reaches ``threshold``).
 """
 
 from __future__ import annotations
@@ -45,8 +55,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import ConfigError, DataError, ModelError
-from .curves import SideNetworkAt, find_checkpoints, plot_curve, steps_to_threshold
+from ..core.errors import CheckpointError, ConfigError, DataError, ModelError
+from ..data.multi import DEFAULT_COLUMN, condition_columns
+from .composition import SideNetworkFolder, networks_in
+from .curves import find_checkpoints, plot_curve, steps_to_threshold
 from .images import image_grid, to_uint8
 from .video import DEFAULT_FPS
 
@@ -65,21 +77,20 @@ LOWER_IS_BETTER = {
 # User images are scaled down to at most this size for the feature network (it pools globally,
 # so any size works; this bounds its training cost on large photos).
 FEATURE_MAX_SIZE = 128
-# A lisa train output folder's config.json; these keys mark it as one.
-RUN_CONFIG = "config.json"
-_RUN_CONFIG_KEYS = {"pretrained_model_name_or_path", "side_network", "output_dir"}
 
 
 @dataclass
 class EvalConfig:
-    """What ``lisa eval`` does; the CLI flags of the same names. ``controlnet`` or
-    ``checkpoints`` names the side network(s); ``task`` or ``test_data_dir`` the test split
-    (neither: the task the main model names). Unset model settings (``side_network``,
-    ``pretrained_model_name_or_path``, ``task``, ``resolution``) are taken from the training
-    run's ``config.json`` beside the checkpoints or the side network, when there is one."""
+    """What ``lisa eval`` does; the CLI flags of the same names. ``controlnet`` (one folder or
+    several, composed) or ``checkpoints`` names the side network(s); ``task`` or
+    ``test_data_dir`` the test split (neither: the task the main model names). Unset model
+    settings (``side_network``, ``pretrained_model_name_or_path``, ``task``, ``resolution``) are
+    taken from the training run's ``config.json`` above the checkpoints or the side network,
+    when there is one. Several side networks (``conditioning_scale``, ``control_guidance_*``,
+    ``each_alone``) are described in :mod:`lisa_control.eval.composition`."""
 
     output_dir: str
-    controlnet: str | None = None
+    controlnet: str | list[str] | None = None
     checkpoints: list[str] | None = None
     side_network: str | None = None
     pretrained_model_name_or_path: str | None = None
@@ -87,12 +98,16 @@ class EvalConfig:
     test_data_dir: str | None = None
     split: str = "test"
     image_column: str = "image"
-    conditioning_image_column: str = "conditioning_image"
+    conditioning_image_column: str | list[str] = "conditioning_image"
     caption_column: str | None = "text"
     num_conditions: int | None = None
     resolution: int | None = None
     num_inference_steps: int = 20
     guidance_scale: float | None = None
+    conditioning_scale: float | list[float] | None = None
+    control_guidance_start: float | list[float] | None = None
+    control_guidance_end: float | list[float] | None = None
+    each_alone: bool = False
     batch_size: int = 8
     seed: int = 0
     extractor: str | None = None
@@ -124,12 +139,13 @@ class EvalConfig:
 class TestSplit:
     """Conditions to sample and what scores the samples.
 
-    ``conditions`` (N, C, R, R) in [0, 1]; ``real`` (N, 3, R, R) in [-1, 1], the images the
-    conditions belong to; ``indices`` seed each condition's noise. Video splits hold clips:
-    (N, C, F, R, R) and (N, 3, F, R, R)."""
+    ``conditions`` (N, C, R, R) in [0, 1], or for several side networks a list of such, one
+    per network in their order (``condition_names``); ``real`` (N, 3, R, R) in [-1, 1], the
+    images the conditions belong to; ``indices`` seed each condition's noise. Video splits hold
+    clips: (N, C, F, R, R) and (N, 3, F, R, R)."""
 
     kind: str  # "task" or "folder"
-    conditions: torch.Tensor
+    conditions: torch.Tensor | list[torch.Tensor]
     prompts: list[str]
     names: list[str]
     indices: list[int]
@@ -137,10 +153,16 @@ class TestSplit:
     info: dict = field(default_factory=dict)
     task: object = None
     task_samples: list | None = None
+    condition_names: list[str] | None = None
+
+    @property
+    def condition_batches(self) -> list[torch.Tensor]:
+        """The conditions as a list, one batch per side network."""
+        return [self.conditions] if torch.is_tensor(self.conditions) else list(self.conditions)
 
     @property
     def video(self) -> bool:
-        return self.conditions.ndim == 5
+        return self.condition_batches[0].ndim == 5
 
 
 # ----------------------------------------------------------------------------- checks
@@ -185,33 +207,73 @@ def check_config(cfg: EvalConfig) -> None:
         )
     if cfg.test_data_dir:
         test_data_source(cfg.test_data_dir)
-    if cfg.controlnet is not None:
-        path = Path(cfg.controlnet).expanduser()
-        if not path.is_dir():
+    for folder in controlnet_folders(cfg):
+        if not Path(folder).expanduser().is_dir():
             raise ModelError(
-                f"--controlnet {cfg.controlnet} is not a folder; pass a side network folder "
-                "(OUTPUT_DIR/controlnet or OUTPUT_DIR/checkpoint-N/side_network)."
+                f"--controlnet {folder} is not a folder; pass a side network folder "
+                "(OUTPUT_DIR/controlnet or OUTPUT_DIR/checkpoint-N/side_network), or several."
             )
+    columns = condition_columns(cfg.conditioning_image_column)
+    if len(columns) == 1:
+        cfg.conditioning_image_column = columns[0]
+    elif cfg.test_data_dir:
+        raise ConfigError(
+            f"--conditioning_image_column {' '.join(columns)}: a --test_data_dir split is scored "
+            "with one side network and one condition column; composed side networks are scored "
+            "on a task with one condition per network (--task pose_segmentation)."
+        )
 
 
-def side_networks_of(cfg: EvalConfig) -> list[SideNetworkAt]:
+def controlnet_folders(cfg: EvalConfig) -> list[str]:
+    """``--controlnet`` as a list (one folder or several)."""
+    if cfg.controlnet is None:
+        return []
+    return [cfg.controlnet] if isinstance(cfg.controlnet, (str, Path)) else list(cfg.controlnet)
+
+
+def given_columns(cfg: EvalConfig) -> list[str] | None:
+    """The conditions ``--conditioning_image_column`` names, or None when left at its default."""
+    columns = condition_columns(cfg.conditioning_image_column)
+    return None if columns == [DEFAULT_COLUMN] else columns
+
+
+@dataclass
+class Target:
+    """The side network(s) of one evaluation: one, or several composed; the step and folder of
+    the checkpoint they come from (None: not a checkpoint)."""
+
+    networks: list[SideNetworkFolder]
+    step: int | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [n.path for n in self.networks]
+
+
+def targets_of(cfg: EvalConfig) -> list[Target]:
+    """What ``--controlnet`` (its folders' networks, composed when several) or
+    ``--checkpoints`` (each checkpoint's networks, the same names in every one) names."""
     if cfg.controlnet is not None:
-        return [SideNetworkAt(Path(cfg.controlnet).expanduser())]
-    return find_checkpoints(list(cfg.checkpoints))
+        networks = [n for folder in controlnet_folders(cfg) for n in networks_in(Path(folder))]
+        return [Target(networks)]
+    targets = [
+        Target(networks_in(side.path, "--checkpoints"), side.step, side.checkpoint)
+        for side in find_checkpoints(list(cfg.checkpoints))
+    ]
+    first = [n.condition for n in targets[0].networks]
+    for target in targets[1:]:
+        names = [n.condition for n in target.networks]
+        if names != first:
+            raise CheckpointError(
+                f"{target.checkpoint} holds the side networks {_listing(names)} but "
+                f"{targets[0].checkpoint} {_listing(first)}; pass the checkpoints of one run."
+            )
+    return targets
 
 
-def run_config(side_networks: list[SideNetworkAt]) -> tuple[dict, Path | None]:
-    """The ``config.json`` of the ``lisa train`` run the side networks come from, or {}."""
-    first = side_networks[0]
-    folder = first.checkpoint.parent if first.checkpoint is not None else first.path.parent
-    path = folder / RUN_CONFIG
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}, None
-    if not isinstance(data, dict) or not _RUN_CONFIG_KEYS <= data.keys():
-        return {}, None
-    return data, path
+def _listing(names: list) -> str:
+    return ", ".join(str(n) if n is not None else "(one)" for n in names)
 
 
 def fill_from_run(cfg: EvalConfig, run: dict, path: Path | None, notes: list[str]) -> None:
@@ -235,13 +297,21 @@ def fill_from_run(cfg: EvalConfig, run: dict, path: Path | None, notes: list[str
 def task_split(task, count: int, seed: int) -> TestSplit:
     """The held-out conditions of an embedded task, as validation draws them; their captions are
     the prompts (models without text, such as the shipped ones, get the null context from them,
-    as validation does). A video task's are clips, channels first: (C, F, R, R)."""
+    as validation does). A video task's are clips, channels first: (C, F, R, R). A view of a
+    task with several conditions (``task.conditions``) gives one batch per condition, in its
+    order."""
+    from .composition import condition_batch
     from .validation import HELD_OUT_SEED, held_out_task_samples
 
     samples = held_out_task_samples(task, count, seed)
-    conditions = torch.stack(
-        [torch.from_numpy(s.condition).movedim(-1, 0).float() / 255 for s in samples]
-    )
+    names = None
+    if isinstance(samples[0].condition, dict):
+        names = list(task.conditions)
+        conditions = [condition_batch(samples, name) for name in names]
+    else:
+        conditions = torch.stack(
+            [torch.from_numpy(s.condition).movedim(-1, 0).float() / 255 for s in samples]
+        )
     real = torch.stack(
         [torch.from_numpy(s.image.astype(np.float32)).movedim(-1, 0) / 127.5 - 1 for s in samples]
     )
@@ -258,10 +328,12 @@ def task_split(task, count: int, seed: int) -> TestSplit:
             "resolution": task.resolution,
             "held_out_seed": HELD_OUT_SEED + seed,
             "num_conditions": count,
+            **({"conditions": names} if names else {}),
             **({"num_frames": task.frames} if getattr(task, "frames", None) else {}),
         },
         task=task,
         task_samples=samples,
+        condition_names=names,
     )
 
 
@@ -586,16 +658,20 @@ def _per_sample(scores: np.ndarray, count: int) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64).reshape(count, -1).mean(axis=1)
 
 
-def sample_rows(split: TestSplit, images: torch.Tensor, extracted, rows: int) -> list[list]:
-    """condition | sample | real image [| condition re-extracted from the sample] for the first
-    ``rows`` conditions: uint8 images (H, W, 3), or clips (F, H, W, 3) for videos."""
+def sample_rows(
+    split: TestSplit, images: torch.Tensor, extracted, rows: int, alone=()
+) -> list[list]:
+    """condition(s) | sample [| each side network's sample alone] | real image [| condition
+    re-extracted from the sample] for the first ``rows`` conditions: uint8 images (H, W, 3), or
+    clips (F, H, W, 3) for videos."""
     from .video import video_to_uint8
 
     n = min(rows, len(split.indices))
     pictures = video_to_uint8 if split.video else to_uint8
     columns = [
-        pictures(split.conditions[:n], signed=False),
+        *(pictures(c[:n], signed=False) for c in split.condition_batches),
         pictures(images[:n]),
+        *(pictures(a[:n]) for a in alone),
         pictures(split.real[:n]),
     ]
     if extracted is not None:
@@ -603,11 +679,13 @@ def sample_rows(split: TestSplit, images: torch.Tensor, extracted, rows: int) ->
     return [[c[i] for c in columns] for i in range(n)]
 
 
-def write_samples(split: TestSplit, images, extracted, rows: int, stem: Path, fps: float) -> None:
+def write_samples(
+    split: TestSplit, images, extracted, rows: int, stem: Path, fps: float, alone=()
+) -> None:
     """The sample sheet of :func:`sample_rows`: ``<stem>.png`` for images; for videos
     ``<stem>.gif`` (the rows animated at ``fps``) and ``<stem>_frames.png`` (each clip's frames
     side by side, one line per clip)."""
-    grid = sample_rows(split, images, extracted, rows)
+    grid = sample_rows(split, images, extracted, rows, alone)
     if split.video:
         from .video import write_animation
 
@@ -656,18 +734,106 @@ def task_for_model(name: str, model, resolution: int, num_frames: int | None):
     return task
 
 
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (interference: smaller is)."""
+    from .composition import INTERFERENCE
+
+    return metric not in LOWER_IS_BETTER and not metric.endswith(INTERFERENCE)
+
+
+class Samplers:
+    """The samplers of one ``lisa eval``: one side network, several composed (each with its
+    scale and window) or one of several alone, sharing the frozen encoders. A side network that
+    does not fit the main network is refused in one line that names it."""
+
+    def __init__(self, model, cfg: EvalConfig, device):
+        from .composition import composition_controls
+
+        self.model, self.cfg, self.device = model, cfg, device
+        # Without a scale or a window a single network samples as a plain side network (the
+        # stock pipeline's defaults); with them, as a composition of one.
+        self.controlled = composition_controls(cfg)
+        self.last = None
+
+    def __call__(self, networks: list[SideNetworkFolder], controls: list[dict]):
+        from .generate import SideNetworkSampler
+
+        paths = [str(n.path) for n in networks]
+        several = len(paths) > 1
+        settings = {}
+        if self.controlled:
+            settings = {key: [c[key] for c in controls] if several else controls[0][key]
+                        for key in controls[0]}  # fmt: skip
+        try:
+            sampler = SideNetworkSampler(
+                self.model,
+                paths if several else paths[0],
+                self.cfg.side_network,
+                num_inference_steps=self.cfg.num_inference_steps,
+                guidance_scale=self.cfg.guidance_scale,
+                device=self.device,
+                allow_pickle=self.cfg.allow_pickle,
+                encoders=self.last.encoders if self.last is not None else None,
+                **settings,
+            )
+        except ModelError as err:
+            raise self._unfitting(networks) or err from None
+        self.last = sampler
+        return sampler
+
+    def _unfitting(self, networks: list[SideNetworkFolder]) -> ConfigError | None:
+        """The refusal of the first network that its family's branch says does not fit the
+        main network (None: the error was another one)."""
+        from ..families import branch_class
+        from ..families.loading import load_side_network
+
+        cls = branch_class(self.model.family, self.cfg.side_network)
+        for network in networks:
+            try:
+                side = load_side_network(
+                    str(network.path), self.cfg.allow_pickle, cls.side_network_class
+                )
+            except (ModelError, OSError, ValueError):
+                continue  # not this network's fit: the original error stands
+            try:
+                cls(self.model.main_network, side)
+            except ModelError as err:
+                detail = str(err).split(". ")[0]
+                return ConfigError(
+                    f"side network {network.path} was not built for the main network "
+                    f"{self.model.source} ({detail}); pass the --pretrained_model_name_or_path it "
+                    "was trained on, and compose side networks trained on one main network."
+                )
+        return None
+
+
 def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
     """Run ``lisa eval``; returns what it writes to ``eval.json`` (plus ``"images"``: the
-    samples of the last side network, (N, 3, R, R) in [-1, 1], or videos (N, 3, F, R, R), not
-    written)."""
+    samples of the last side network or composition, (N, 3, R, R) in [-1, 1], or videos
+    (N, 3, F, R, R), not written). Every refusal comes before anything is written."""
     from ..families.loading import load_main_model
-    from .generate import SideNetworkSampler
+    from . import composition
 
     check_config(cfg)
     notes: list[str] = []
-    side_networks = side_networks_of(cfg)
-    run, run_path = run_config(side_networks)
-    fill_from_run(cfg, run, run_path, notes)
+    targets = targets_of(cfg)
+    networks = targets[0].networks
+    composed = len(networks) > 1
+    if cfg.pretrained_model_name_or_path is None:
+        composition.check_one_main_network(networks)
+    fill_from_run(cfg, networks[0].run, networks[0].run_path, notes)
+    controls = composition.network_settings(cfg, len(networks))
+    if cfg.each_alone and not composed:
+        raise ConfigError(
+            "--each_alone scores each of several composed side networks alone; pass several "
+            "(--controlnet A B, or a run that trained several)."
+        )
+    if composed and cfg.test_data_dir:
+        raise ConfigError(
+            f"{len(networks)} side networks are composed, but a --test_data_dir split has one "
+            "condition per image; score a composition on a task with one condition per network "
+            "(--task pose_segmentation)."
+        )
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # What needs optional packages or files is checked before the models are loaded.
     extractor = inception = None
@@ -690,31 +856,23 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
     )
     resolution = int(cfg.resolution or model.resolution)
     model.check_resolution(resolution)
-
-    def sampler_for(side: SideNetworkAt, encoders=None):
-        return SideNetworkSampler(
-            model,
-            side.path,
-            cfg.side_network,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            device=device,
-            allow_pickle=cfg.allow_pickle,
-            encoders=encoders,
-        )
-
     video = model.family.takes_video
     check_video_settings(cfg, model, inception)
-    sampler = sampler_for(side_networks[0])
     task_name = cfg.task or (None if cfg.test_data_dir else model.task)
+    task = conditions = None
+    if task_name and not cfg.test_data_dir:
+        task = task_for_model(task_name, model, resolution, cfg.num_frames)
+        conditions = composition.network_conditions(networks, given_columns(cfg), task)
+        if conditions is not None:
+            task = task.with_conditions(conditions)
+    samplers = Samplers(model, cfg, device)
+    sampler = samplers(networks, controls)
     if cfg.test_data_dir:
         split = folder_split(
             cfg, resolution, sampler.condition_channels, model.resolution_multiple, video
         )
-    elif task_name:
-        count = cfg.num_conditions or DEFAULT_TASK_CONDITIONS
-        task = task_for_model(task_name, model, resolution, cfg.num_frames)
-        split = task_split(task, count, cfg.seed)
+    elif task is not None:
+        split = task_split(task, cfg.num_conditions or DEFAULT_TASK_CONDITIONS, cfg.seed)
     else:
         raise ConfigError(
             "no test split: pass --test_data_dir DIR (a folder with metadata.jsonl: image, "
@@ -724,40 +882,54 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
     scorer = Scorer(split, cfg, device, notes, extractor, inception)
     if cfg.curve_metric:
         scorer.metric = cfg.curve_metric
-        scorer.higher_is_better = cfg.curve_metric not in LOWER_IS_BETTER
+        scorer.higher_is_better = higher_is_better(cfg.curve_metric)
     series = cfg.checkpoints is not None
     if series and scorer.metric is None:
         raise ConfigError(
             "a checkpoint series needs a metric for its curve: pass --extractor NAME, "
             "--clip_model DIR, or keep the Fréchet distance on."
         )
+    metric_of = composition.condition_metrics(task, conditions) if composed else {}
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    fps = cfg.frame_rate or DEFAULT_FPS
     results = []
     images = per_condition = None
-    for k, side in enumerate(side_networks):
+    alone_scores: dict[str, dict] = {}
+    for k, target in enumerate(targets):
         if k > 0:
-            sampler = sampler_for(side, encoders=sampler.encoders)
-        images = sampler(
-            split.conditions,
-            split.prompts,
-            indices=split.indices,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-            progress=progress,
-        )
+            sampler = samplers(target.networks, controls)
+        sample = dict(indices=split.indices, seed=cfg.seed, batch_size=cfg.batch_size,
+                      progress=progress)  # fmt: skip
+        images = sampler(split.conditions, split.prompts, **sample)
         metrics, per_condition, extracted = scorer(images)
-        fps = cfg.frame_rate or DEFAULT_FPS
+        alone_images, alone_scores = [], {}
+        if cfg.each_alone:
+            batches = split.condition_batches
+            for j, (name, network) in enumerate(zip(conditions, target.networks)):
+                alone = samplers([network], [controls[j]])(batches[j], split.prompts, **sample)
+                alone_scores[name] = scorer(alone)[0]
+                alone_images.append(alone)
+            metrics.update(composition.interference(alone_scores, metrics, metric_of))
         if series:
             write_samples(split, images, extracted, cfg.sheet_rows,
-                          out / f"samples-step-{side.step}", fps)  # fmt: skip
-        if k == len(side_networks) - 1:
-            write_samples(split, images, extracted, cfg.sheet_rows, out / "samples", fps)
-        results.append({"step": side.step, "path": str(side.path), "metrics": metrics})
+                          out / f"samples-step-{target.step}", fps, alone_images)  # fmt: skip
+        if k == len(targets) - 1:
+            write_samples(split, images, extracted, cfg.sheet_rows, out / "samples", fps,
+                          alone_images)  # fmt: skip
+        record = {"step": target.step, "metrics": metrics}
+        if composed:
+            record["paths"] = {name: str(p) for name, p in zip(conditions, target.paths)}
+            if cfg.each_alone:
+                record["alone"] = alone_scores
+        else:
+            record["path"] = str(target.paths[0])
+        results.append(record)
         if progress or series:
             shown = " ".join(f"{m} {v:.4g}" for m, v in metrics.items())
-            print(f"{'step ' + str(side.step) if series else side.path}: {shown}", flush=True)
+            label = " + ".join(conditions) if composed else target.paths[0]
+            print(f"{'step ' + str(target.step) if series else label}: {shown}", flush=True)
     if scorer.metric is not None and scorer.metric not in results[-1]["metrics"]:
         raise ConfigError(
             f"--curve_metric {scorer.metric!r} is not among the metrics: "
@@ -765,12 +937,13 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
         )
 
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("command", "output_dir")}
+    paths = [[str(p) for p in t.paths] if composed else str(t.paths[0]) for t in targets]
     settings.update(
         resolution=resolution,
         model=model.source,
         family=model.family.name,
         device=str(device),
-        side_network_paths=[str(s.path) for s in side_networks],
+        side_network_paths=paths,
     )
     if scorer.extractor is not None:
         settings["extractor_settings"] = scorer.extractor.settings()
@@ -785,6 +958,13 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
         "frechet": scorer.frechet.info if scorer.frechet is not None else None,
         "notes": notes,
     }
+    if composed:
+        report["composition"] = [
+            {"name": name, "path": str(path), "metric": metric_of[name], **control}
+            for name, path, control in zip(conditions, targets[-1].paths, controls)
+        ]
+        if cfg.each_alone:
+            report["alone"] = alone_scores
     if series:
         report["checkpoints"] = results
         report["curve"] = write_curve(out, results, scorer, cfg.threshold)
