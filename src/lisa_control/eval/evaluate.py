@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from ..core.errors import CheckpointError, ConfigError, DataError, ModelError
+from ..core.files import write_text_atomically
 from ..data.multi import DEFAULT_COLUMN, condition_columns
 from .composition import SideNetworkFolder, networks_in
 from .curves import find_checkpoints, plot_curve, steps_to_threshold
@@ -968,7 +969,7 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
     if series:
         report["checkpoints"] = results
         report["curve"] = write_curve(out, results, scorer, cfg.threshold)
-    (out / "eval.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    write_text_atomically(out / "eval.json", json.dumps(report, indent=2, default=_jsonable))
     return {**report, "images": images}
 
 
@@ -986,7 +987,7 @@ def write_curve(out: Path, results: list[dict], scorer: Scorer, threshold: float
         "values": [v for _, v in points],
         "points": [{"step": r["step"], **r["metrics"]} for r in results],
     }
-    (out / "curve.json").write_text(json.dumps(curve, indent=2, default=_jsonable))
+    write_text_atomically(out / "curve.json", json.dumps(curve, indent=2, default=_jsonable))
     plot_curve(points, metric, out / "curve.png", threshold, reached)
     return {"file": str(out / "curve.json"), "steps_to_threshold": reached}
 

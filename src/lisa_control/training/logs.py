@@ -10,12 +10,13 @@ Between flushes nothing here waits for the device.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from ..core.files import write_text_atomically
 
 
 class Sink(Protocol):
@@ -189,9 +190,4 @@ def truncate_log(path: Path, step: int) -> None:
     new = "".join(line + "\n" for line in kept)
     if new == text:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        f.write(new)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomically(path, new)
