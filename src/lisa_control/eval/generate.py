@@ -8,10 +8,12 @@ images beyond the float rounding of batched kernels (about 1e-5 on CPU: at most 
 single condition draws what a diffusers pipeline draws with
 ``generator=torch.Generator().manual_seed(seed)``.
 
-ControlNets on Stable Diffusion UNets go through diffusers' stock
-``StableDiffusionControlNetPipeline`` (given the noise as ``latents``); every other pair
-(pixel-space models, SD3 and Flux ControlNets, T2I-Adapters) through
-:func:`~lisa_control.eval.sampling.sample`, with conditions and prompts encoded as in training.
+Pairs whose family names a stock pipeline (``Family.stock_pipeline``: ControlNets on latent
+Stable Diffusion UNets; AnimateDiff and Wan VACE models with a text encoder) go through
+diffusers' own pipeline, given the noise as ``latents``; every other pair (pixel-space models,
+SD3 and Flux ControlNets, T2I-Adapters, video models without text) through
+:func:`~lisa_control.eval.sampling.sample`, with conditions and prompts encoded as in training
+and the noise shaped and decoded by the family's hooks (``sample_shape``, ``decode_images``).
 Both use deterministic schedulers (see :func:`~lisa_control.eval.validation.evaluation_scheduler`).
 
 Several side networks (trained apart or together) compose as diffusers' multi-network pipelines
@@ -232,10 +234,6 @@ class SideNetworkSampler:
             self._encoders = FrozenEncoders(self.model, self.device)
         return self._encoders
 
-    def noise_shape(self, resolution: int) -> tuple[int, int, int]:
-        size = resolution // self.model.vae_scale_factor
-        return (self.model.sample_channels, size, size)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -263,9 +261,10 @@ class SideNetworkSampler:
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {batch_size}.")
         first = _first(conditions)
-        shape = self.noise_shape(first.shape[-1])
-        # Video conditions (N, C, F, R, R): noise (C, F, r, r) per condition.
-        shape = (shape[0], *first.shape[2:-2], *shape[1:])
+        # Video conditions (N, C, F, R, R) give the noise frames; how many, the family says
+        # (Wan's VAE makes one latent frame of each four).
+        frames = first.shape[2] if first.ndim == 5 else None
+        shape = self.model.sample_shape(first.shape[-2], first.shape[-1], frames)
         starts = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -299,8 +298,10 @@ class SideNetworkSampler:
         from .sampling import decode, init_noise_sigma, sample
         from .validation import inference_schedule
 
-        size = noise.shape[-1]
-        scheduler, schedule = inference_schedule(self.model, size, size, self.num_inference_steps)
+        height, width = noise.shape[-2:]
+        scheduler, schedule = inference_schedule(
+            self.model, height, width, self.num_inference_steps
+        )
         cfg_scale, embedded_guidance = self.model.family.guidance(self.model, self.guidance_scale)
         context = self.encoders.prompt_context(prompts)
         if embedded_guidance is not None:
@@ -320,4 +321,4 @@ class SideNetworkSampler:
             latents=noise.to(self.device) * init_noise_sigma(scheduler),
             schedule=schedule,
         )
-        return decode(self.model.vae, x).float().cpu()
+        return decode(self.model.vae, x, self.model.family).float().cpu()

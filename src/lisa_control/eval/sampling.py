@@ -26,6 +26,7 @@ import torch
 
 from ..core.branch import Context, DualBranch
 from ..core.errors import ConfigError
+from ..families.base import Family
 
 
 def latent_shape(branch: DualBranch, condition: torch.Tensor, batch: int) -> tuple[int, ...]:
@@ -217,21 +218,14 @@ def sample(
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] from ``sample``'s output: through the VAE for latent models, as is
-    (clamped) for pixel-space models (``vae`` None); videos (B, C, F, h, w) frame by frame."""
+def decode(vae, latents: torch.Tensor, family: Family | None = None) -> torch.Tensor:
+    """Images in [-1, 1] from ``sample``'s output: as is (clamped) for pixel-space models
+    (``vae`` None), else through ``family``'s hooks, the inverse of its encoding: its
+    ``denormalize_latents`` then its ``decode_images`` (videos (B, C, f, h, w) come back as
+    (B, 3, F, H, W)). Without a family, the base :class:`~lisa_control.families.base.Family`'s:
+    an image VAE with a ``scaling_factor`` (and ``shift_factor``) in its config."""
     if vae is None:
         return latents.clamp(-1, 1)
-    if latents.ndim == 5:
-        # Videos (B, C, F, h, w) of an image VAE (AnimateDiff): frame by frame, back to
-        # (B, 3, F, H, W).
-        b, c, f, h, w = latents.shape
-        frames = decode(vae, latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
-        return frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
-    config = vae.config
-    latents = latents.to(vae.dtype) / config.scaling_factor
-    # SD3 / Flux VAEs also shift their latents; SD's have no shift_factor (or None).
-    shift = getattr(config, "shift_factor", None)
-    if shift is not None:
-        latents = latents + shift
-    return vae.decode(latents, return_dict=False)[0].clamp(-1, 1)
+    family = family or Family()
+    latents = family.denormalize_latents(vae, latents.to(vae.dtype))
+    return family.decode_images(vae, latents).clamp(-1, 1)

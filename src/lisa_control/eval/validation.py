@@ -108,6 +108,7 @@ class Validator:
         scheduler,
         vae,
         latent_shape: tuple[int, ...],
+        family=None,
         samples_per_condition: int = 1,
         steps: int = 20,
         guidance_scale: float = 1.0,
@@ -124,6 +125,8 @@ class Validator:
         self.scheduler = scheduler
         self.schedule = schedule
         self.vae = vae
+        # Its hooks decode the samples (None: an image VAE's scale and shift).
+        self.family = family
         self.latent_shape = latent_shape
         self.samples_per_condition = samples_per_condition
         self.steps = steps
@@ -139,8 +142,7 @@ class Validator:
 
     @classmethod
     def from_config(cls, cfg, model, dataset, encoders, sample_size: int) -> "Validator":
-        channels = model.sample_channels
-        latent_shape = (channels, sample_size, sample_size)
+        resolution = sample_size * model.vae_scale_factor
         scheduler, schedule = inference_schedule(
             model, sample_size, sample_size, cfg.validation_inference_steps
         )
@@ -149,7 +151,7 @@ class Validator:
             scheduler=scheduler,
             schedule=schedule,
             vae=model.vae,
-            latent_shape=latent_shape,
+            family=model.family,
             steps=cfg.validation_inference_steps,
             guidance_scale=cfg.validation_guidance_scale,
             seed=cfg.seed or 0,
@@ -163,7 +165,7 @@ class Validator:
         if cfg.validation_image:
             from ..data.images import load_image, to_condition_tensor
 
-            resolution = sample_size * model.vae_scale_factor
+            common["latent_shape"] = model.sample_shape(resolution, resolution)
             images, prompts = cfg.validation_image, cfg.validation_prompt or [""]
             names = getattr(dataset, "condition_names", ())
             if len(names) > 1:
@@ -191,10 +193,11 @@ class Validator:
         task = dataset.task
         held_out = held_out_task_samples(task, cfg.validation_conditions, cfg.seed or 0)
         # Channels first: (C, H, W), or (C, F, H, W) for a video task, whose noise then has
-        # the frames too.
+        # frames too, as many as the family's VAE makes of the clip's.
         conds = _condition_batch([s.condition for s in held_out])
-        frames = _first(conds).shape[2:-2]
-        common["latent_shape"] = (channels, *frames, sample_size, sample_size)
+        first = _first(conds)
+        frames = first.shape[2] if first.ndim == 5 else None
+        common["latent_shape"] = model.sample_shape(resolution, resolution, frames)
         ctx = encoders.null_context(len(held_out))
         feature_distance = None
         if cfg.validation_feature_distance:
@@ -237,7 +240,7 @@ class Validator:
                 latents=latents * init_noise_sigma(self.scheduler),
                 schedule=self.schedule,
             )
-            outputs.append(decode(self.vae, x0).float().cpu())
+            outputs.append(decode(self.vae, x0, self.family).float().cpu())
         return torch.stack(outputs, dim=1)  # (N, K, 3, H, W)
 
     def run(self, branch, step: int, out_dir: Path) -> dict[str, float]:

@@ -698,6 +698,14 @@ class AnimateDiffFamily(Family):
         latents = vae.encode(to_frames(pixels)).latent_dist.sample()
         return from_frames(latents, pixels.shape[2])
 
+    def decode_images(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Latent videos (B, C, F, h, w) through the image VAE frame by frame, as videos
+        (B, 3, F, H, W)."""
+        if latents.ndim != 5:
+            return super().decode_images(vae, latents)
+        frames = super().decode_images(vae, to_frames(latents))
+        return from_frames(frames, latents.shape[2])
+
     def stock_pipeline(self, model: MainModel, side_network, scheduler):
         """``AnimateDiffControlNetPipeline`` / ``AnimateDiffSparseControlNetPipeline`` for latent
         models with a text encoder, behind :class:`StockVideoPipeline`."""

@@ -96,6 +96,19 @@ class Family:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
+    def decode_images(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`encode_images`: pixels, about [-1, 1], of latents the VAE
+        decodes (after :meth:`denormalize_latents`); images (B, C, h, w) in one call."""
+        return vae.decode(latents, return_dict=False)[0]
+
+    def denormalize_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize_latents`: the main network's latents as the VAE
+        decodes them, unscaled and unshifted by the VAE's config."""
+        latents = latents / vae.config.scaling_factor
+        # SD's VAEs have no shift_factor, or None.
+        shift = getattr(vae.config, "shift_factor", None)
+        return latents if shift is None else latents + shift
+
     def encode_condition(self, vae, condition: torch.Tensor) -> torch.Tensor:
         """The control image in [0, 1] as a ``condition_in_latent_space`` side network takes it:
         the normalized latents of the image mapped to [-1, 1], as the SD3 and Flux ControlNet
@@ -109,6 +122,16 @@ class Family:
     def vae_scale_factor(self, vae) -> int:
         """Pixels per latent pixel, along each side."""
         return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def sample_shape(
+        self, model: MainModel, height: int, width: int, frames: int | None = None
+    ) -> tuple[int, ...]:
+        """(C, h, w) of the sample the main network denoises for ``height x width`` images, or
+        (C, f, h, w) for clips of ``frames`` frames: the shape of the initial noise. Here the
+        VAE scales space alone (an image VAE encodes a clip frame by frame: f = frames)."""
+        factor = model.vae_scale_factor
+        time = () if frames is None else (frames,)
+        return (model.sample_channels, *time, height // factor, width // factor)
 
     # ------------------------------------------------------------------ objective
 
@@ -214,6 +237,11 @@ class MainModel:
         if self.vae is None:
             return 1
         return self.family.vae_scale_factor(self.vae)
+
+    def sample_shape(self, height: int, width: int, frames: int | None = None) -> tuple[int, ...]:
+        """The shape of one sample this model denoises for ``height x width`` images, or clips
+        of ``frames`` frames (the family's rule: :meth:`Family.sample_shape`)."""
+        return self.family.sample_shape(self, height, width, frames)
 
     @property
     def resolution_multiple(self) -> int:
