@@ -24,6 +24,7 @@ from lisa_control.core.branch import Context
 from lisa_control.core.errors import ConfigError, ModelError
 from lisa_control.core.hooks import heavy_blocks, resolve_layer
 from lisa_control.core.step import ControlTrainingStep
+from lisa_control.eval.generate import condition_seed
 from lisa_control.families import MainModel, get_family
 from lisa_control.families.wan_vace import (
     WanVACEBranch,
@@ -507,6 +508,188 @@ def test_lisa_train_on_a_wan_vace_folder_resumes_bit_exactly(wan_folder, tmp_pat
     stock = WanVACETransformer3DModel.from_pretrained(folder / "transformer")
     missing, unexpected = stock.load_state_dict(side.state_dict(), strict=False)
     assert not unexpected and not any(k.startswith("vace_") for k in missing)
+
+
+# ----------------------------------------------------------------------------- drawing videos
+
+
+def gif_frames(path) -> list[np.ndarray]:
+    with Image.open(path) as gif:
+        frames = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            frames.append(np.asarray(gif.convert("RGB")))
+    return frames
+
+
+def stock_wan_pipeline(folder, side_network_folder, text: bool = True) -> WanVACEPipeline:
+    """diffusers' WanVACEPipeline read from ``folder`` with the saved VACE part loaded into its
+    transformer, as a user of the stock pipeline would run a trained side network."""
+    parts = {} if text else {"tokenizer": None, "text_encoder": None}
+    pipe = WanVACEPipeline.from_pretrained(folder, **parts)
+    weights = load_file(side_network_folder / "diffusion_pytorch_model.safetensors")
+    pipe.transformer.load_state_dict(weights, strict=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sample_shape_and_decoding_undo_the_vaes_encoding(model):
+    """Clips of 4k + 1 frames draw noise of k + 1 latent frames at 1/8 the size; decoding
+    undoes the per-channel normalisation as WanVACEPipeline does (dividing by the reciprocal
+    std), then runs the causal VAE on the whole clip."""
+    from lisa_control.eval.sampling import decode
+
+    family = model.family
+    assert model.sample_shape(RESOLUTION, 48, FRAMES) == (4, LATENT_FRAMES, LATENT, 6)
+    assert model.sample_shape(RESOLUTION, RESOLUTION, 9) == (4, 3, LATENT, LATENT)
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(1, 4, LATENT_FRAMES, LATENT, LATENT, generator=g)
+    normalized = family.normalize_latents(model.vae, latents)
+    torch.testing.assert_close(family.denormalize_latents(model.vae, normalized), latents)
+    shape = (1, 4, 1, 1, 1)
+    mean = torch.tensor(model.vae.config.latents_mean).view(shape)
+    inverse_std = 1.0 / torch.tensor(model.vae.config.latents_std).view(shape)
+    with torch.no_grad():
+        expected = model.vae.decode(normalized / inverse_std + mean, return_dict=False)[0]
+        video = decode(model.vae, normalized, family)
+    assert video.shape == (1, 3, FRAMES, RESOLUTION, RESOLUTION)
+    assert torch.equal(video, expected.clamp(-1, 1))
+
+
+def test_our_sampler_draws_the_stock_pipelines_frames_without_text(model, tmp_path):
+    """A Wan VACE model without a text encoder has no stock pipeline in SideNetworkSampler
+    (what `lisa sample` and `lisa eval` run), so our sampler draws: the noise of the sample
+    shape, the model's own scheduler and the family's decoding. From the same seed it gives the
+    frames WanVACEPipeline decodes, given the null context as prompt embeddings."""
+    from lisa_control.eval.generate import SideNetworkSampler
+
+    trained_side_network(model, tmp_path / "vace")
+    folder = tmp_path / "model"
+    WanVACEPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=model.vae,
+        scheduler=model.scheduler,
+        transformer=model.main_network,
+    ).save_pretrained(folder)
+    sampler = SideNetworkSampler(model, tmp_path / "vace", num_inference_steps=2, device="cpu")
+    assert sampler.pipeline is None
+    g = torch.Generator().manual_seed(9)
+    controls = torch.rand(2, 3, FRAMES, RESOLUTION, RESOLUTION, generator=g)
+    ours = sampler(controls, ["", ""], seed=4, batch_size=2)
+    assert ours.shape == (2, 3, FRAMES, RESOLUTION, RESOLUTION)
+    assert (ours[:, :, 0] - ours[:, :, -1]).abs().max() > 0  # the frames differ
+
+    pipe = stock_wan_pipeline(folder, tmp_path / "vace", text=False)
+    null = model.null_context(1).encoder_hidden_states
+    for row in range(2):
+        frames = pipe(
+            prompt_embeds=null,
+            video=controls[row : row + 1].transpose(1, 2),
+            height=RESOLUTION,
+            width=RESOLUTION,
+            num_frames=FRAMES,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(condition_seed(4, row)),
+            output_type="np",
+        ).frames
+        stock = torch.from_numpy(frames).movedim(-1, 1) * 2 - 1  # (1, 3, F, H, W)
+        torch.testing.assert_close(ours[row : row + 1], stock, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wan_run(wan_folder, tmp_path_factory):
+    """`lisa train` for 2 steps on pose_video clips of 5 frames, validating at step 2."""
+    from lisa_control.cli import main
+
+    folder, _ = wan_folder
+    out = tmp_path_factory.mktemp("wan_run") / "out"
+    argv = ["train", "--pretrained_model_name_or_path", str(folder), "--task", "pose_video",
+            "--num_frames", str(FRAMES), "--resolution", str(RESOLUTION),
+            "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "2",
+            "--validation_steps", "2", "--validation_conditions", "2",
+            "--num_validation_images", "1", "--validation_inference_steps", "2", "--seed", "0",
+            "--output_dir", str(out), "--report_to", "none", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_validation_during_a_wan_run_logs_scores_and_writes_its_preview(wan_run):
+    """Validation draws Wan videos: the task's scores in validation.jsonl, and an animation of
+    5 frames, one row per held-out clip (condition | sample | ground truth), with its sheet."""
+    records = [json.loads(line) for line in (wan_run / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2]
+    assert {"pck", "temporal_consistency", "motion_error"} <= set(records[0])
+    cell = RESOLUTION + 2  # a frame and its gutter
+    frames = gif_frames(wan_run / "validation" / "step-2.gif")
+    assert len(frames) == FRAMES and frames[0].shape == (2 + 2 * cell, 2 + 3 * cell, 3)
+    with Image.open(wan_run / "validation" / "step-2_frames.png") as sheet:
+        assert sheet.size == (2 + FRAMES * cell, 2 + 6 * cell)
+
+
+def test_lisa_sample_on_a_wan_run_writes_the_stock_pipelines_frames(wan_folder, wan_run, tmp_path):
+    """`lisa sample` with a control GIF: a GIF of --num_frames frames at --resolution, whose
+    frames are those of diffusers' WanVACEPipeline (read from the folder, the side network's
+    weights loaded into its transformer) called with the same seed, prompt and control frames,
+    written by the same GIF writer; the frame sheet holds them losslessly."""
+    from lisa_control.cli import main
+    from lisa_control.eval.video import save_gif, video_to_uint8
+
+    folder, data = wan_folder
+    out = tmp_path / "samples"
+    argv = ["sample", "--pretrained_model_name_or_path", str(folder),
+            "--controlnet", str(wan_run / "controlnet"), "--image", str(data / "c0.gif"),
+            "--prompt", "a walk", "--num_frames", str(FRAMES), "--resolution", str(RESOLUTION),
+            "--num_inference_steps", "2", "--seed", "3", "--output_dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    ours = gif_frames(out / "c0.gif")
+    assert len(ours) == FRAMES and ours[0].shape == (RESOLUTION, RESOLUTION, 3)
+
+    pipe = stock_wan_pipeline(folder, wan_run / "controlnet")
+    with Image.open(data / "c0.gif") as gif:
+        control = []
+        for k in range(FRAMES):
+            gif.seek(k)
+            control.append(gif.convert("RGB"))
+    frames = pipe(
+        "a walk",
+        video=control,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        num_frames=FRAMES,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).frames
+    stock = video_to_uint8(torch.from_numpy(frames).movedim(-1, 1) * 2 - 1)[0]
+    assert any(np.any(stock[0] != f) for f in stock[1:])  # a moving video
+    save_gif([Image.fromarray(f) for f in stock], tmp_path / "stock.gif")
+    for a, b in zip(ours, gif_frames(tmp_path / "stock.gif")):
+        assert np.array_equal(a, b)
+    cell = RESOLUTION + 2
+    with Image.open(out / "grid_frames.png") as sheet:
+        samples = np.asarray(sheet.convert("RGB"))[2 + cell : 2 + cell + RESOLUTION]
+    for f in range(FRAMES):
+        assert np.array_equal(samples[:, 2 + f * cell : 2 + f * cell + RESOLUTION], stock[f])
+
+
+def test_lisa_eval_on_a_wan_run_scores_a_video_folder(wan_folder, wan_run, tmp_path):
+    """`lisa eval` on the run's side network and a video test folder: the model and clip length
+    come from the run; the task-feature video Fréchet distance, an animation and a sheet."""
+    from lisa_control.cli import main
+
+    _, data = wan_folder
+    out = tmp_path / "eval"
+    argv = ["eval", "--controlnet", str(wan_run / "controlnet"), "--test_data_dir", str(data),
+            "--num_inference_steps", "2", "--feature_train_steps", "5", "--feature_pool", "16",
+            "--feature_reference_size", "16", "--output_dir", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["data"]["num_frames"] == FRAMES and report["data"]["rows"] == 4
+    assert report["metrics"]["video_frechet_distance"] > 0
+    assert len(gif_frames(out / "samples.gif")) == FRAMES
 
 
 # ----------------------------------------------------------------------------- bad input

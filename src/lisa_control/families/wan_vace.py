@@ -60,14 +60,25 @@ Objective
 Rectified flow with the velocity target, timestep = 1000 s as the transformer takes it: the
 recipe of the Flux family (logit-normal timesteps shifted by the scheduler's static shift, a plain
 velocity loss), with the shift of Wan's scheduler (``FlowMatchEulerDiscreteScheduler.shift`` or
-UniPC's ``flow_shift``). Sampling uses the model's own scheduler, as the pipeline does.
+UniPC's ``flow_shift``).
+
+Sampling
+--------
+As ``WanVACEPipeline`` samples: with the model's own scheduler, from noise of k + 1 latent frames
+for clips of 4k + 1 frames at 1/8 the size (:meth:`WanVACEFamily.sample_shape`), decoded by
+de-normalising with ``latents_std`` and ``latents_mean`` in the pipeline's arithmetic
+(:meth:`WanVACEFamily.denormalize_latents`) and running the causal VAE on the whole clip. Models
+with a text encoder sample through the pipeline itself (:class:`StockWanVACEPipeline`), models
+without one through the project's sampler, which draws the pipeline's frames.
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKLWan,
@@ -488,9 +499,15 @@ def flow_shift(scheduler) -> float:
     )
 
 
+def temporal_factor(vae) -> int:
+    """Frames per latent frame after the first (WanVACEPipeline's
+    ``vae_scale_factor_temporal``)."""
+    return 2 ** sum(vae.temperal_downsample)
+
+
 def check_frames(vae, frames: int) -> None:
     """Refuse a clip length Wan's causal VAE cannot encode whole, naming the lengths it can."""
-    temporal = 2 ** sum(vae.temperal_downsample)
+    temporal = temporal_factor(vae)
     if (frames - 1) % temporal:
         fit = max(frames - 1, 0) // temporal * temporal + 1
         raise ConfigError(
@@ -598,6 +615,33 @@ class WanVACEFamily(Family):
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
         return ((latents.float() - mean) * inverse_std).to(latents.dtype)
 
+    def denormalize_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize_latents`, in the latents' dtype: divided by the
+        reciprocal of ``latents_std`` and shifted by ``latents_mean``, the arithmetic of
+        WanVACEPipeline's decoding, so that decoded frames equal its own."""
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape)
+        like = dict(device=latents.device, dtype=latents.dtype)
+        return latents / inverse_std.to(**like) + mean.to(**like)
+
+    def sample_shape(
+        self, model: MainModel, height: int, width: int, frames: int | None = None
+    ) -> tuple[int, ...]:
+        """(C, f, h, w) of the latents of ``frames``-frame clips: the causal VAE makes
+        f = (frames - 1) / 4 + 1 latent frames (see the module docstring)."""
+        if model.is_pixel_space:
+            return super().sample_shape(model, height, width, frames)
+        if frames is None:
+            raise ConfigError(
+                "Wan VACE generates videos, and the conditions are still images; give condition "
+                "videos (video files, animated GIFs or a conditioning_video column)."
+            )
+        check_frames(model.vae, frames)
+        latent_frames = (frames - 1) // temporal_factor(model.vae) + 1
+        factor = model.vae_scale_factor
+        return (model.sample_channels, latent_frames, height // factor, width // factor)
+
     def encode_condition(self, vae, condition: torch.Tensor) -> torch.Tensor:
         """Control videos (B, 3, F, H, W) in [0, 1] as VACE control latents
         (B, 2 z + s^2, f, h, w), as ``WanVACEPipeline(video=...)`` builds them without a mask or
@@ -656,6 +700,16 @@ class WanVACEFamily(Family):
             return 1.0, None
         return (DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale), None
 
+    def stock_pipeline(self, model: MainModel, side_network, scheduler):
+        """``WanVACEPipeline`` with the side network's VACE part (:func:`wan_vace_pipeline`)
+        for latent models with a text encoder, behind :class:`StockWanVACEPipeline`; without
+        one the pipeline cannot encode prompts and the project's sampler is the reference.
+        ``scheduler`` is left aside: Wan samples with the model's own, as
+        :meth:`inference_schedule` says."""
+        if model.is_pixel_space or model.prompt_encoder is None:
+            return None
+        return StockWanVACEPipeline(wan_vace_pipeline(model, side_network))
+
 
 def check_vae_fits_transformer(vae: AutoencoderKLWan, transformer: WanVACETransformer3DModel):
     """Refuse a VAE whose control latents do not have the transformer's VACE width."""
@@ -685,3 +739,47 @@ def wan_vace_pipeline(
         scheduler=scheduler if scheduler is not None else copy.deepcopy(model.scheduler),
         transformer=transformer_with_vace_part(model.main_network, side_network),
     )
+
+
+class StockWanVACEPipeline:
+    """diffusers' ``WanVACEPipeline`` behind the call
+    :class:`~lisa_control.eval.generate.SideNetworkSampler` makes of a stock pipeline:
+    ``(prompts, image=control videos (N, 3, F, H, W) in [0, 1], num_inference_steps,
+    guidance_scale, latents (N, C, f, h, w), output_type)``, returning ``.images`` as
+    (N, F, H, W, 3). Each video is one pipeline call, ``video=`` its control (the whole clip
+    conditioned, no mask or reference image) with its own row of ``latents``, so it draws what
+    a call for that video alone draws."""
+
+    def __init__(self, pipeline: WanVACEPipeline):
+        self.pipeline = pipeline
+
+    def to(self, device) -> StockWanVACEPipeline:
+        self.pipeline = self.pipeline.to(device)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.pipeline.set_progress_bar_config(**kwargs)
+
+    def __call__(
+        self, prompts, image, num_inference_steps, guidance_scale, latents, output_type="np"
+    ):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        videos = []
+        for row, prompt in enumerate(prompts):
+            control = image[row]  # (3, F, H, W)
+            num_frames, height, width = control.shape[1:]
+            output = self.pipeline(
+                prompt,
+                video=control.transpose(0, 1)[None],  # (1, F, 3, H, W), as the pipeline reads it
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                latents=latents[row : row + 1],
+                output_type=output_type,
+            ).frames
+            videos.append(output)
+        if output_type == "latent":
+            return SimpleNamespace(images=torch.cat(videos))
+        return SimpleNamespace(images=np.concatenate([np.asarray(v) for v in videos]))
