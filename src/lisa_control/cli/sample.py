@@ -1,8 +1,9 @@
 """``lisa sample``: generate with a trained side network. No decoder is involved: the saved side
-network is a plain ControlNet. ControlNets on Stable Diffusion UNets go through diffusers' stock
-``StableDiffusionControlNetPipeline``; every other pair (pixel-space models, SD3 and Flux
-ControlNets, T2I-Adapters) through ``sampling.sample``, with the condition and prompts encoded as
-in training and validation (see ``eval/generate.py``).
+network is a plain ControlNet. Pairs with a diffusers pipeline of their own (ControlNets on
+Stable Diffusion UNets; AnimateDiff and Wan VACE models with a text encoder) go through it; every
+other pair (pixel-space models, SD3 and Flux ControlNets, T2I-Adapters, video models without
+text) through ``sampling.sample``, with the condition and prompts encoded as in training and
+validation (see ``eval/generate.py``).
 
 Conditions are image files, folders (every image in them, sorted) or ``metadata.jsonl`` files
 (the conditioning-image column, with the caption column as the prompt). Each condition's noise
@@ -88,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance_scale",
         type=float,
         default=None,
-        help="classifier-free guidance for models with text encoders (default 7.5); for Flux, "
-        "the distilled guidance its transformer embeds (default 3.5); unused without text",
+        help="classifier-free guidance for models with text encoders (default 7.5; Wan VACE 5); "
+        "for Flux, the distilled guidance its transformer embeds (default 3.5); unused without "
+        "text",
     )
     p.add_argument("--num_images", type=int, default=1, help="samples per condition")
     p.add_argument(
@@ -143,7 +145,8 @@ def add_video_flags(p: argparse.ArgumentParser) -> None:
         "--num_frames",
         type=int,
         default=None,
-        help="video models: frames taken from each condition video (default all)",
+        help="video models: frames taken from each condition video (default all); Wan VACE "
+        "takes 4k + 1 (5, 9, ...)",
     )
     p.add_argument("--fps", type=float, default=8, help="video models: frame rate of the GIFs")
 

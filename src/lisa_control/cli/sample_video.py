@@ -1,10 +1,11 @@
-"""``lisa sample`` for video models (AnimateDiff): condition videos in, animations out.
+"""``lisa sample`` for video models (AnimateDiff, Wan VACE): condition videos in, animations out.
 
 Conditions are video files (``.mp4`` through PyAV, animated ``.gif``/``.webp``) or a
 ``metadata.jsonl`` whose condition-video column (``--conditioning_video_column``) names files or
 folders of frames, with the caption column as the prompt. Each is cut to the model's resolution
 frame by frame; ``--num_frames`` takes the first F frames of each (default: all, the same count
-for every condition). Noise is seeded per condition as for images (``eval/generate.py``).
+for every condition; Wan VACE takes 4k + 1). Noise is seeded per condition as for images
+(``eval/generate.py``), with as many latent frames as the family's VAE makes of the clip.
 
 Outputs: ``--output_dir`` gets ``NAME.gif`` per sample (``NAME_K.gif`` with ``--num_images``
 K > 1), ``grid.gif`` (the animated grid: condition | samples, one row per condition) and
@@ -66,7 +67,7 @@ def generate_videos(args, prompts_for, default_output: str) -> Path:
     if not model.family.takes_video:
         raise ConfigError(
             f"the conditions are videos but the main network ({model.family.name}) generates "
-            "images; pass a video model (AnimateDiff) or still condition images."
+            "images; pass a video model (AnimateDiff, Wan VACE) or still condition images."
         )
     resolution = args.resolution or model.resolution
     model.check_resolution(resolution)
