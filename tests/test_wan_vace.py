@@ -721,6 +721,11 @@ def test_bad_input_is_one_clear_line(model):
         family.encode_condition(model.vae, torch.rand(1, 3, 8, RESOLUTION, RESOLUTION))
     with pytest.raises(ConfigError, match="got 6; use --num_frames 5"):
         family.encode_images(model.vae, torch.rand(1, 3, 6, RESOLUTION, RESOLUTION))
+    with pytest.raises(ConfigError, match="got 8; use --num_frames 5 .or 9."):
+        model.sample_shape(RESOLUTION, RESOLUTION, 8)
+    with pytest.raises(ConfigError, match="generates videos, and the conditions are still") as e:
+        model.sample_shape(RESOLUTION, RESOLUTION)
+    one_line(e)
     with pytest.raises(ConfigError, match="pass sample_size") as exc_info:
         lisa_for_branch(branch)
     one_line(exc_info)
