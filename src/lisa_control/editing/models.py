@@ -123,9 +123,8 @@ def to_model_space(model: MainModel, images: torch.Tensor) -> torch.Tensor:
     if model.vae is None:
         return images.float()
     vae = model.vae
-    posterior = vae.encode(images.to(vae.dtype)).latent_dist
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((posterior.mean.float() - shift) * vae.config.scaling_factor).float()
+    mean = vae.encode(images.to(vae.dtype)).latent_dist.mean.float()
+    return model.family.normalize_latents(vae, mean).float()
 
 
 @torch.no_grad()
@@ -133,4 +132,4 @@ def from_model_space(model: MainModel, x: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`to_model_space`: images in [-1, 1] (clamped)."""
     from ..eval.sampling import decode
 
-    return decode(model.vae, x).float()
+    return decode(model.vae, x, family=model.family).float()
