@@ -153,8 +153,8 @@ def load_initial_network(args):
     """(network in fp32, scheduler, objective name, steps it was trained) from ``--init_from``,
     refusing one that does not match the flags that still apply. An image UNet given for
     ``--architecture motion_unet`` becomes the spatial layers of a new motion UNet
-    (:func:`~lisa_control.zoo.video.motion_unet_from_image`); its steps then count 0, since
-    the network as a whole has not been trained."""
+    (:func:`~lisa_control.zoo.video.motion_unet_from_image`), which has been trained 0 steps
+    (the image network's record keeps its own)."""
     from ..core.errors import ModelError
     from ..families.loading import PIXEL_MODEL_FILE, load_main_model
 
@@ -188,12 +188,16 @@ def load_initial_network(args):
             f"--init_from {args.init_from!r} predicts {model.objective}; drop --objective or "
             f"pass --objective {model.objective}."
         )
+    steps = int(json.loads(meta_file.read_text()).get("steps") or 0)
     if extends:
         from ..zoo.video import motion_unet_from_image
 
-        network = motion_unet_from_image(model.main_network)
-        return network, model.scheduler, model.objective, 0
-    steps = int(json.loads(meta_file.read_text()).get("steps") or 0)
+        print(
+            f"spatial layers from {args.init_from} ({steps} steps on images), new motion modules "
+            "starting as the identity"
+        )
+        return motion_unet_from_image(model.main_network), model.scheduler, model.objective, 0
+    print(f"continuing from {args.init_from} ({steps} steps)")
     return model.main_network.float(), model.scheduler, model.objective, steps
 
 
@@ -549,7 +553,6 @@ def make_network(args, initial, device, cross_attention_dim: int | None = None):
     motion modules keep ``requires_grad``."""
     if initial is not None:
         network, scheduler, objective, earlier_steps = initial
-        print(f"continuing from {args.init_from} ({earlier_steps} steps)")
     else:
         network, scheduler, objective = build_main_network(args, cross_attention_dim)
         earlier_steps = 0
