@@ -31,7 +31,7 @@ IMAGE_DEFAULTS = dict(
 # A clip costs its 8 frames, and the motion UNet more than the image UNet per frame: fewer
 # steps of two clips, and four held-out clips.
 VIDEO_DEFAULTS = dict(
-    steps=60, eval_every=20, eval_conditions=4, train_batch_size=2, learning_rate=5e-4,
+    steps=120, eval_every=30, eval_conditions=4, train_batch_size=2, learning_rate=5e-4,
     inference_steps=10,
 )  # fmt: skip
 PREVIEW_CLIPS = 4
