@@ -21,7 +21,6 @@ from pathlib import Path
 
 from ..training.config import make_config
 
-
 # Sized for 2 CPU cores in under 10 minutes; lr 5e-4 makes the pose PCK climb within it
 # (at the benchmarks' 1e-4 it stays flat for the first 150 steps at this batch size).
 IMAGE_DEFAULTS = dict(
