@@ -89,6 +89,34 @@ def test_an_image_unet_joined_with_motion_modules_starts_as_that_unet_on_every_f
     torch.testing.assert_close(to_frames(joined.sample), per_frame.sample, atol=1e-5, rtol=0)
 
 
+def test_init_from_an_image_unet_trains_only_new_motion_modules_and_continues(tmp_path):
+    """An image UNet from `lisa pretrain` gives a video network its spatial layers, which
+    --motion_modules_only keeps as they were while the motion modules learn; the video folder
+    then continues as any `lisa pretrain` folder, counting its own steps."""
+    from lisa_control.families.animatediff import image_unet_of
+    from lisa_control.families.loading import load_pixel_model
+
+    image, video, more = tmp_path / "image", tmp_path / "video", tmp_path / "more"
+    as_image = TINY_VIDEO[4:]  # without --task pose_video --num_frames 4
+    pretrain_main(
+        ["--task", "pose", *as_image, "--max_train_steps", "1", "--output_dir", str(image)]
+    )
+    pretrain_main([*TINY_VIDEO, "--init_from", str(image / "model"), "--motion_modules_only",
+                   "--max_train_steps", "2", "--output_dir", str(video)])  # fmt: skip
+    spatial = load_pixel_model(image / "model").main_network.state_dict()
+    network = load_pixel_model(video / "model").main_network
+    for key, value in image_unet_of(network).state_dict().items():
+        assert torch.equal(value, spatial[key]), key
+    moved = [p for n, p in network.named_parameters() if "motion_modules" in n and "proj_out" in n]
+    assert moved and all(p.abs().sum() > 0 for p in moved)  # they started at zero
+    record = json.loads((video / "model" / "lisa_model.json").read_text())
+    assert record["steps"] == 2 and record["initialized_from"] == str(image / "model")
+
+    pretrain_main([*TINY_VIDEO, "--init_from", str(video / "model"), "--max_train_steps", "1",
+                   "--output_dir", str(more)])  # fmt: skip
+    assert json.loads((more / "model" / "lisa_model.json").read_text())["steps"] == 2 + 1
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
