@@ -940,9 +940,8 @@ def test_video_tasks_and_models_must_match_in_one_line(pixel_video_model, tmp_pa
     from lisa_control.training.build import build_dataset, load_model
     from lisa_control.training.config import TrainConfig
 
-    cfg = TrainConfig(task="pose_video", output_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="needs --pretrained_model_name_or_path: no video main"):
-        load_model(cfg)
+    shipped = load_model(TrainConfig(task="pose_video", output_dir=str(tmp_path)))
+    assert shipped.family.takes_video and shipped.task == "pose_video"  # embedded:pose_video
     model = load_model(TrainConfig(pretrained_model_name_or_path=str(pixel_video_model)))
     with pytest.raises(ConfigError, match="renders images but the main network .* denoises videos"):
         build_dataset(TrainConfig(task="pose", output_dir=str(tmp_path)), model)

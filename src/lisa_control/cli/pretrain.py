@@ -6,7 +6,11 @@ benchmarks start from, since no pretrained model can be downloaded here. The net
 diffusers ``UNet2DConditionModel`` (``--architecture unet``, DDPM eps or v objective) or a tiny
 ``SD3Transformer2DModel`` flow DiT (``--architecture dit``, rectified flow), conditioned on a
 constant null text context, so every ControlNet tool works on it unchanged. The images of several
-tasks can be mixed (``--task edges,segmentation``) to make one network serve them all.
+tasks can be mixed (``--task edges,segmentation``) to make one network serve them all. A video
+task (``--task pose_video``) trains an AnimateDiff ``UNetMotionModel`` on its clips
+(``--architecture motion_unet``, the default there); ``--init_from embedded:pose`` gives it the
+shipped image UNet's spatial layers and new motion modules, and ``--motion_modules_only`` trains
+only those, as AnimateDiff does.
 
 Instead of a task, ``--train_data_dir`` (a folder of images, with or without metadata.jsonl) or
 ``--dataset_name`` (a Hugging Face dataset, or a folder ``datasets`` reads) trains on your own
@@ -15,7 +19,7 @@ images, unconditionally. With ``--text_encoder`` (a CLIP text model folder) and
 
 Writes ``output_dir/model`` (a folder ``lisa train --pretrained_model_name_or_path`` takes, EMA
 weights), ``loss_log.jsonl``, ``curve.jsonl`` (realism of samples vs step), ``samples/step-N.png``
-and ``training_curve.png``.
+(videos: ``step-N.gif`` and ``step-N_frames.png``) and ``training_curve.png``.
 """
 
 from __future__ import annotations
@@ -69,7 +73,24 @@ def _network_arguments(p) -> None:
     p.add_argument("--block_out_channels", type=int, nargs="+", default=[48, 96, 96])
     p.add_argument("--layers_per_block", type=int, default=2)
     p.add_argument("--cross_attention_dim", type=int, default=32)
-    p.add_argument("--architecture", choices=["unet", "dit"], default="unet")
+    p.add_argument(
+        "--architecture",
+        choices=["unet", "dit", "motion_unet"],
+        default=None,
+        help="default: motion_unet (a UNetMotionModel) for video tasks, unet otherwise",
+    )
+    p.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="frames per clip of a video task (default: the task's, 8 for pose_video)",
+    )
+    p.add_argument(
+        "--motion_modules_only",
+        action="store_true",
+        help="train only a motion UNet's motion modules, keeping its spatial layers (those of "
+        "--init_from) as they are",
+    )
     p.add_argument(
         "--objective",
         choices=["epsilon", "v_prediction", "flow"],

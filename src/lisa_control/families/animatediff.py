@@ -616,6 +616,7 @@ class AnimateDiffFamily(Family):
     network_folder = "unet"
     scheduler_class = DDPMScheduler
     pipeline_prefixes = ("AnimateDiff",)
+    pretrain_architecture = "motion_unet"
     takes_video = True
     side_networks = {
         "controlnet": AnimateDiffControlNetBranch,

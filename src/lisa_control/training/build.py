@@ -116,18 +116,6 @@ def build(cfg: TrainConfig, accelerator) -> Training:
 def load_model(cfg: TrainConfig):
     from ..families.loading import load_main_model
 
-    if cfg.pretrained_model_name_or_path is None and cfg.task:
-        import inspect
-
-        from ..data.tasks.registry import task_class
-
-        cls = task_class(cfg.task)
-        if cls is not None and "frames" in inspect.signature(cls.__init__).parameters:
-            raise ConfigError(
-                f"--task {cfg.task} needs --pretrained_model_name_or_path: no video main network "
-                "is shipped yet. Pass an AnimateDiff folder, or a UNetMotionModel folder saved "
-                "with lisa_control.families.loading.save_pixel_model."
-            )
     return load_main_model(
         cfg.pretrained_model_name_or_path, cfg.task, cfg.revision, cfg.variant, cfg.allow_pickle
     )

@@ -3,7 +3,11 @@ task images or on the user's own images, through the shared loop.
 
 The network is a diffusers ``UNet2DConditionModel`` (DDPM eps or v objective) or a tiny
 ``SD3Transformer2DModel`` flow DiT (rectified flow), conditioned on a constant null context,
-so every ControlNet tool works on it unchanged. This module builds the network, the data
+so every ControlNet tool works on it unchanged. A video task (``pose_video``) trains an
+AnimateDiff ``UNetMotionModel`` on clips (B, C, F, H, W) instead (``--architecture
+motion_unet``, its default there); ``--init_from`` an image UNet then gives its spatial layers,
+joined with new motion modules that start as the identity (AnimateDiff's start), and
+``--motion_modules_only`` trains those alone. This module builds the network, the data
 (task renders, or the images of ``--train_data_dir`` / ``--dataset_name`` read once through
 :class:`~lisa_control.data.folder.ControlDataset`, kept on the device as uint8), the step, an
 EMA of the weights and the sample grids and realism curve;
@@ -17,7 +21,8 @@ encoder and tokenizer, so ``lisa train`` and ``lisa sample`` prompt it.
 
 Writes ``output_dir/model`` (EMA weights, a folder ``lisa train --pretrained_model_name_or_path``
 takes), ``loss_log.jsonl``, ``curve.jsonl`` (realism of samples vs step, for tasks),
-``samples/step-N.png`` and ``training_curve.png``.
+``samples/step-N.png`` (video networks: ``samples/step-N.gif``, the animated grid, and
+``samples/step-N_frames.png``, one line of frames per clip) and ``training_curve.png``.
 """
 
 from __future__ import annotations
@@ -61,17 +66,27 @@ def predict(network, x, t, context):
 
 @torch.no_grad()
 def sample_unconditional(
-    network, scheduler, n, resolution, steps, seed, device, context: Context | None = None
+    network,
+    scheduler,
+    n,
+    resolution,
+    steps,
+    seed,
+    device,
+    context: Context | None = None,
+    frames: int | None = None,
 ) -> torch.Tensor:
     """Samples of the main network alone, in [-1, 1] (DPM-Solver++, or Euler for flow), under
-    its null context or ``context`` (one row per sample)."""
+    its null context or ``context`` (one row per sample): images (n, C, R, R), or with
+    ``frames`` clips (n, C, frames, R, R) of a video network."""
     from ..eval.sampling import init_noise_sigma, scale_model_input
     from ..eval.validation import evaluation_scheduler
 
     sampler = evaluation_scheduler(scheduler)
     sampler.set_timesteps(steps, device=device)
     g = torch.Generator().manual_seed(seed)
-    shape = (n, network.config.in_channels, resolution, resolution)
+    clip = () if frames is None else (frames,)
+    shape = (n, network.config.in_channels, *clip, resolution, resolution)
     x = torch.randn(shape, generator=g).to(device) * init_noise_sigma(sampler)
     ctx = context if context is not None else null_context(network, n, device)
     for t in sampler.timesteps:
@@ -83,12 +98,14 @@ def sample_unconditional(
 def build_main_network(args, cross_attention_dim: int | None = None):
     """(network, scheduler, objective name) for ``--architecture``; a UNet attends to
     ``cross_attention_dim``-wide text (a text encoder's hidden size), default
-    ``--cross_attention_dim``."""
+    ``--cross_attention_dim``. A ``motion_unet`` is the same UNet with a motion module after
+    every resnet."""
     from diffusers import (
         DDPMScheduler,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         UNet2DConditionModel,
+        UNetMotionModel,
     )
 
     if args.architecture == "dit":
@@ -107,20 +124,25 @@ def build_main_network(args, cross_attention_dim: int | None = None):
         )
         return network, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000), objective
     from ..zoo.unet import tiny_unet
+    from ..zoo.video import tiny_unet_motion_config
 
     objective = args.objective or "epsilon"
     if objective == "flow":
         raise ConfigError("--objective flow needs --architecture dit.")
-    network = UNet2DConditionModel(
-        **tiny_unet(
-            sample_size=args.resolution,
-            in_channels=3,
-            block_out_channels=tuple(args.block_out_channels),
-            layers_per_block=args.layers_per_block,
-            cross_attention_dim=cross_attention_dim or args.cross_attention_dim,
-            attention_at_full_resolution=False,
-        )
+    layout = dict(
+        sample_size=args.resolution,
+        in_channels=3,
+        block_out_channels=tuple(args.block_out_channels),
+        layers_per_block=args.layers_per_block,
+        cross_attention_dim=cross_attention_dim or args.cross_attention_dim,
+        attention_at_full_resolution=False,
     )
+    if args.architecture == "motion_unet":
+        # As many spatial heads as tiny_unet gives the image UNet, so that the two match.
+        heads = tiny_unet(**layout)["attention_head_dim"]
+        network = UNetMotionModel(**tiny_unet_motion_config(**layout, num_attention_heads=heads))
+    else:
+        network = UNet2DConditionModel(**tiny_unet(**layout))
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", prediction_type=objective
     )
@@ -129,7 +151,10 @@ def build_main_network(args, cross_attention_dim: int | None = None):
 
 def load_initial_network(args):
     """(network in fp32, scheduler, objective name, steps it was trained) from ``--init_from``,
-    refusing one that does not match the flags that still apply."""
+    refusing one that does not match the flags that still apply. An image UNet given for
+    ``--architecture motion_unet`` becomes the spatial layers of a new motion UNet
+    (:func:`~lisa_control.zoo.video.motion_unet_from_image`), which has been trained 0 steps
+    (the image network's record keeps its own)."""
     from ..core.errors import ModelError
     from ..families.loading import PIXEL_MODEL_FILE, load_main_model
 
@@ -144,9 +169,11 @@ def load_initial_network(args):
     if architecture is None:
         raise ModelError(
             f"--init_from {args.init_from!r} holds a {model.family.name} network; `lisa pretrain` "
-            "continues UNets (--architecture unet) and SD3-style DiTs (--architecture dit)."
+            "continues UNets (--architecture unet), SD3-style DiTs (--architecture dit) and "
+            "motion UNets (--architecture motion_unet)."
         )
-    if architecture != args.architecture:
+    extends = architecture == "unet" and args.architecture == "motion_unet"
+    if architecture != args.architecture and not extends:
         raise ModelError(
             f"--init_from {args.init_from!r} holds a {model.family.name} network but --architecture "
             f"is {args.architecture}; pass --architecture {architecture}."
@@ -162,6 +189,15 @@ def load_initial_network(args):
             f"pass --objective {model.objective}."
         )
     steps = int(json.loads(meta_file.read_text()).get("steps") or 0)
+    if extends:
+        from ..zoo.video import motion_unet_from_image
+
+        print(
+            f"spatial layers from {args.init_from} ({steps} steps on images), new motion modules "
+            "starting as the identity"
+        )
+        return motion_unet_from_image(model.main_network), model.scheduler, model.objective, 0
+    print(f"continuing from {args.init_from} ({steps} steps)")
     return model.main_network.float(), model.scheduler, model.objective, steps
 
 
@@ -282,7 +318,7 @@ def check_data_flags(args) -> None:
                     f"--{flag} needs --text_encoder (a CLIP text model folder) to encode the "
                     "captions; pass one, or drop it to train unconditionally."
                 )
-    elif args.architecture != "unet":
+    elif args.architecture not in (None, "unet"):
         raise ConfigError("captioned pretraining (--text_encoder) trains --architecture unet.")
     share = args.proportion_empty_prompts
     if share is not None and not 0.0 <= share <= 1.0:
@@ -290,6 +326,37 @@ def check_data_flags(args) -> None:
             f"--proportion_empty_prompts must be a number in [0, 1], got {share}; e.g. 0.1 "
             "drops one caption in ten"
         )
+
+
+def resolve_architecture(args, tasks) -> str:
+    """``--architecture`` checked against the data: a motion UNet for video tasks (tasks with
+    ``frames``, whose renders are clips), an image network for everything else; unset, the
+    one the data needs."""
+    videos = {t.name: getattr(t, "frames", None) is not None for t in tasks}
+    if len(set(videos.values())) > 1:
+        clips = ", ".join(n for n, v in videos.items() if v)
+        raise ConfigError(
+            f"--task mixes video tasks ({clips}) with image tasks; one network learns one kind: "
+            "pretrain them apart."
+        )
+    video = any(videos.values())
+    architecture = args.architecture or ("motion_unet" if video else "unet")
+    if video and architecture != "motion_unet":
+        raise ConfigError(
+            f"--task {','.join(videos)} renders videos, which --architecture {architecture} "
+            "cannot denoise; pass --architecture motion_unet (or leave it out)."
+        )
+    if not video and architecture == "motion_unet":
+        raise ConfigError(
+            "--architecture motion_unet denoises videos; pass a video task (--task pose_video), "
+            "or --architecture unet or dit for images."
+        )
+    if getattr(args, "motion_modules_only", False) and architecture != "motion_unet":
+        raise ConfigError(
+            "--motion_modules_only trains the motion modules of a video network; pass a video "
+            "task (--task pose_video) or drop it."
+        )
+    return architecture
 
 
 def read_user_images(args, device) -> UserImages:
@@ -387,7 +454,8 @@ class SampleGrids(Callback):
     """Every ``--sample_every`` steps and at the last step: sample the EMA network, score the
     samples' realism (and feature distance) per task, write a grid and a curve point.
     ``context``: what the samples are conditioned on (the training captions' encodings for a
-    network trained on text), else the null context."""
+    network trained on text), else the null context. A video network (its family's
+    ``takes_video``) samples clips as long as the training clips and writes them animated."""
 
     def __init__(
         self, args, tasks, images, ema, scheduler, recorder, out: Path, distances, context=None
@@ -395,6 +463,9 @@ class SampleGrids(Callback):
         self.args, self.tasks, self.images, self.ema = args, tasks, images, ema
         self.scheduler, self.recorder, self.distances = scheduler, recorder, distances
         self.out, self.context = out, context
+        self.video = family_of_network(ema).takes_video
+        # training data (N, C, F, H, W) for a video network
+        self.frames = images.shape[2] if self.video else None
         self.t0 = time.perf_counter()
         self.last_sampled = None
         (out / "curve.jsonl").write_text("")
@@ -408,12 +479,10 @@ class SampleGrids(Callback):
             self.write(step)
 
     def write(self, step: int) -> None:
-        from ..eval.images import image_grid, to_uint8
-
         args, device = self.args, next(self.ema.parameters()).device
         samples = sample_unconditional(
             self.ema, self.scheduler, args.num_samples, args.resolution, args.sample_steps, 1234,
-            device, self.context,
+            device, self.context, self.frames,
         )  # fmt: skip
         reference = self.images[: args.num_samples].float() / 127.5 - 1
         last = self.recorder.last
@@ -428,12 +497,25 @@ class SampleGrids(Callback):
         if self.distances:
             point["feature_distance"] = {name: fd(samples) for name, fd in self.distances.items()}
         JsonLines(self.out / "curve.jsonl").write([point])
-        u8 = to_uint8(samples[:64])
-        image_grid([list(u8[i : i + 8]) for i in range(0, len(u8), 8)]).save(
-            self.out / "samples" / f"step-{step}.png"
-        )
+        save_samples(samples[:64], self.out / "samples" / f"step-{step}", self.video)
         print(json.dumps(point), flush=True)
         self.last_sampled = step
+
+
+def save_samples(samples: torch.Tensor, stem: Path, video: bool) -> None:
+    """Samples in [-1, 1], 8 a row: images as ``stem.png``; clips (N, C, F, H, W) as
+    ``stem.gif`` (the grid, animated) and ``stem_frames.png`` (one line of frames per clip)."""
+    from ..eval.images import image_grid, to_uint8
+
+    if video:
+        from ..eval.video import video_to_uint8, write_animation
+
+        clips = list(video_to_uint8(samples))
+        rows = [clips[i : i + 8] for i in range(0, len(clips), 8)]
+        write_animation(rows, stem.with_suffix(".gif"), stem.with_name(f"{stem.name}_frames.png"))
+        return
+    u8 = to_uint8(samples)
+    image_grid([list(u8[i : i + 8]) for i in range(0, len(u8), 8)]).save(stem.with_suffix(".png"))
 
 
 def feature_distances(args, tasks, device) -> dict:
@@ -467,13 +549,19 @@ def prepare_output(args) -> Path:
 def make_network(args, initial, device, cross_attention_dim: int | None = None):
     """(network in training mode on ``device``, scheduler, objective name, steps it was
     trained before): ``initial`` (from :func:`load_initial_network`) or a new one (attending
-    to ``cross_attention_dim``-wide text when given)."""
+    to ``cross_attention_dim``-wide text when given). With ``--motion_modules_only`` only the
+    motion modules keep ``requires_grad``."""
     if initial is not None:
         network, scheduler, objective, earlier_steps = initial
-        print(f"continuing from {args.init_from} ({earlier_steps} steps)")
     else:
         network, scheduler, objective = build_main_network(args, cross_attention_dim)
         earlier_steps = 0
+    if getattr(args, "motion_modules_only", False):
+        from ..zoo.video import motion_module_parameters
+
+        network.requires_grad_(False)
+        for parameter in motion_module_parameters(network):
+            parameter.requires_grad_(True)
     return network.to(device).train(), scheduler, objective, earlier_steps
 
 
@@ -495,8 +583,10 @@ def make_step(args, network, objective_name: str, scheduler, device) -> Pretrain
 
 
 def make_optimizer(args, network):
-    """AdamW without weight decay, and a linear warmup over ``--lr_warmup_steps``."""
-    optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    """AdamW over the trainable parameters without weight decay, and a linear warmup over
+    ``--lr_warmup_steps``."""
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(args.lr_warmup_steps, 1))
     )
@@ -547,7 +637,8 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
     if user is None:
         t0 = time.perf_counter()
         images = render_dataset(tasks, args.train_size, args.seed, args.num_workers).to(device)
-        print(f"rendered {len(images)} images in {time.perf_counter() - t0:.1f}s")
+        print(f"rendered {len(images)} renders {tuple(images.shape[1:])} in "
+              f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
     else:
         images = user.images
     text_width = user.text_encoder.config.hidden_size if captioned else None
@@ -555,7 +646,9 @@ def pretrain(args: argparse.Namespace, command: str | None = None) -> Path:
     ema = EMA(network, args.ema_decay)  # before LayerSync hooks the network
     step_fn = make_step(args, network, objective, scheduler, device)
     n_params = sum(p.numel() for p in network.parameters())
-    print(f"main network: {n_params / 1e6:.2f}M parameters on {device}")
+    n_trained = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    trained = "" if n_trained == n_params else f" ({n_trained / 1e6:.2f}M trained)"
+    print(f"main network: {n_params / 1e6:.2f}M parameters{trained} on {device}")
     if args.torch_compile:
         from .compilation import compile_blocks
 
@@ -598,7 +691,9 @@ def _check_and_prepare(args, device):
 
     check_data_flags(args)
     names = [n.strip() for n in args.task.split(",") if n.strip()] if args.task else []
-    tasks = [get_task(n, resolution=args.resolution) for n in names]
+    settings = {} if args.num_frames is None else {"frames": args.num_frames}
+    tasks = [get_task(n, resolution=args.resolution, **settings) for n in names]
+    args.architecture = resolve_architecture(args, tasks)
     user = None
     if not tasks:  # before the output folder, so bad data leaves nothing behind
         t0 = time.perf_counter()

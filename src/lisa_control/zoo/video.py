@@ -3,15 +3,16 @@
 and the ``pose_video`` task.
 
 ``image_unet_of`` and ``motion_adapter_for`` (from the family) split such a network into the
-two parts an AnimateDiff pipeline folder stores. Everything here is random-weight and small
-(about 0.3M parameters with the defaults); no hub access. Samples are (batch, channels, frames,
-height, width), as diffusers' AnimateDiff takes them.
+two parts an AnimateDiff pipeline folder stores; :func:`motion_unet_from_image` joins an image
+UNet with new motion modules, as AnimateDiff starts its training. The configs are random-weight
+and small (about 0.3M parameters with the defaults); no hub access. Samples are (batch,
+channels, frames, height, width), as diffusers' AnimateDiff takes them.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import UNetMotionModel
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
 from ..families.animatediff import image_unet_of, motion_adapter_for  # noqa: F401
 from .unet import tiny_unet
@@ -72,3 +73,40 @@ def tiny_unet_motion(seed: int | None = None, **config) -> UNetMotionModel:
     if seed is not None:
         torch.manual_seed(seed)
     return UNetMotionModel(**tiny_unet_motion_config(**config))
+
+
+# What diffusers names the temporal layers of a UNetMotionModel (and of a MotionAdapter).
+MOTION_MODULES = "motion_modules"
+
+
+def motion_unet_from_image(
+    unet: UNet2DConditionModel,
+    motion_num_attention_heads: int = 2,
+    motion_max_seq_length: int = 16,
+) -> UNetMotionModel:
+    """``unet`` with a new motion module after every resnet (mid block included), in fp32.
+
+    The spatial layers keep ``unet``'s weights and each motion module's output projection
+    starts at zero, so the network begins as ``unet`` run on every frame alone (the motion
+    modules are residual); training then only has to learn how frames relate. This is how
+    AnimateDiff starts from an image model.
+    """
+    config = unet.config
+    adapter = MotionAdapter(
+        block_out_channels=tuple(config.block_out_channels),
+        motion_layers_per_block=config.layers_per_block,
+        motion_num_attention_heads=motion_num_attention_heads,
+        motion_norm_num_groups=config.norm_num_groups,
+        motion_max_seq_length=motion_max_seq_length,
+        use_motion_mid_block=True,
+    )
+    for name, module in adapter.named_modules():
+        if name.endswith("proj_out") and MOTION_MODULES in name:
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    return UNetMotionModel.from_unet2d(unet.float(), adapter)
+
+
+def motion_module_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of ``network``'s motion modules (none for an image network)."""
+    return [p for name, p in network.named_parameters() if MOTION_MODULES in name]
