@@ -256,6 +256,24 @@ def test_fp16_gradient_overflow_is_skipped_by_the_grad_scaler(assets, tmp_path, 
         check_overflow_skipped(out, result)
 
 
+def test_fp16_resume_continues_the_grad_scalers_scale(assets, tmp_path, monkeypatch):
+    """The checkpoint holds the scaler's state: after the overflow of step 1 the scale is
+    2^60 * 2^-50 = 2^10, and a run resumed at step 2 continues from it (no second overflow)
+    with the losses of the uninterrupted run."""
+    from lisa_control.training.train import train
+
+    model, data = assets
+    scaled_accelerator(monkeypatch, "cpu", init_scale=2.0**60)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(config(model, data, full, mixed_precision="fp16"))
+    saved = torch.load(full / "checkpoint-2" / "grad_scaler.pt", weights_only=False)
+    assert saved["scale"] == 2.0**10
+    train(config(model, data, cut, mixed_precision="fp16", max_train_steps=2))
+    train(config(model, data, cut, mixed_precision="fp16", resume_from_checkpoint="latest"))
+    assert [r["loss"] for r in read_log(cut)] == [r["loss"] for r in read_log(full)]
+    assert optimizer_updates(cut / "checkpoint-4") == 3  # only step 1 was skipped
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for real fp16")
 def test_fp16_gradient_overflow_is_skipped_on_a_gpu(assets, tmp_path, monkeypatch):
     """The same on a GPU, with accelerate's own fp16 autocast and a CUDA GradScaler."""

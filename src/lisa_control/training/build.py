@@ -444,6 +444,7 @@ def resume(cfg: TrainConfig, run: Training, accelerator) -> int:
         optimizer=run.optimizer,
         lr_scheduler=run.lr_scheduler,
         rank=accelerator.process_index,
+        grad_scaler=accelerator.scaler,
     )
     accelerator.print(f"resumed from {path} at step {saved['step']}")
     return int(saved["step"])
@@ -467,5 +468,6 @@ def save_checkpoint(cfg: TrainConfig, run: Training, accelerator, step: int) -> 
             trainer_state={"fingerprint": jsonable(cfg.fingerprint())},
             rng_states=rng,
             total_limit=cfg.checkpoints_total_limit,
+            grad_scaler=accelerator.scaler,
         )
     accelerator.wait_for_everyone()

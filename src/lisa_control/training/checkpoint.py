@@ -1,10 +1,11 @@
 """Checkpoints that are complete or absent.
 
 ``checkpoint-N/`` holds the side network as a plain diffusers folder, the regularizers' weights
-(the LISA decoder) apart, the optimizer and LR-scheduler states, every RNG state and the trainer
-state (step, data position, config fingerprint). It is written under a temporary name, flushed
-to disk and renamed, so a kill at any moment leaves either the whole checkpoint or none; the
-trainer state is written last and is what marks a folder complete.
+(the LISA decoder) apart, the optimizer and LR-scheduler states (and under fp16 the grad
+scaler's), every RNG state and the trainer state (step, data position, config fingerprint). It
+is written under a temporary name, flushed to disk and renamed, so a kill at any moment leaves
+either the whole checkpoint or none; the trainer state is written last and is what marks a
+folder complete.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 SIDE_DIR = "side_network"
 REGULARIZERS_FILE = "regularizers.safetensors"
+GRAD_SCALER_FILE = "grad_scaler.pt"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -102,6 +104,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     rng_states: list[dict[str, Any]],
     total_limit: int | None = None,
+    grad_scaler=None,
 ) -> Path:
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,8 @@ def save_checkpoint(
     save_file(reg_state, str(tmp / REGULARIZERS_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+    if grad_scaler is not None:  # fp16: its loss scale and growth count continue on resume
+        torch.save(grad_scaler.state_dict(), tmp / GRAD_SCALER_FILE)
     for rank, state in enumerate(rng_states):
         torch.save(state, tmp / f"rng_{rank}.pt")
     (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
@@ -251,6 +256,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler,
     rank: int = 0,
+    grad_scaler=None,
 ) -> dict[str, Any]:
     """Restore everything ``save_checkpoint`` wrote; returns the trainer state."""
     state = read_trainer_state(path)
@@ -266,6 +272,8 @@ def load_checkpoint(
         ) from None
     optimizer.load_state_dict(_torch_load(path, path / "optimizer.pt"))
     lr_scheduler.load_state_dict(_torch_load(path, path / "lr_scheduler.pt"))
+    if grad_scaler is not None and (path / GRAD_SCALER_FILE).is_file():
+        grad_scaler.load_state_dict(_torch_load(path, path / GRAD_SCALER_FILE))
     rng_file = path / f"rng_{rank}.pt"
     if rng_file.is_file():
         set_rng_state(_torch_load(path, rng_file))
