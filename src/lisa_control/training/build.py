@@ -402,21 +402,21 @@ def jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-# Settings whose default is now resolved per run, at the value they had before that: a
-# checkpoint that does not record them ran with these.
-DEFAULTS_BEFORE = {"loss_weighting": "none"}
+# Settings resolved per run when left unnamed, at the values a checkpoint that does not record
+# them ran with.
+UNRECORDED_SETTINGS = {"loss_weighting": "none"}
 
 
 def adopt_checkpoint_settings(cfg: TrainConfig) -> None:
     """Settings left unnamed on a resumed run take the checkpoint's values, so that resuming
-    with the command that started the run continues it, whatever the defaults are now."""
+    with the command that started the run continues it, whatever the defaults resolve to."""
     if not cfg.resume_from_checkpoint or cfg.loss_weighting is not None:
         return
     path = ckpt.resolve_resume_path(Path(cfg.output_dir), cfg.resume_from_checkpoint)
     if path is None:
         return
     fingerprint = ckpt.read_trainer_state(path).get("fingerprint", {})
-    cfg.loss_weighting = fingerprint.get("loss_weighting", DEFAULTS_BEFORE["loss_weighting"])
+    cfg.loss_weighting = fingerprint.get("loss_weighting", UNRECORDED_SETTINGS["loss_weighting"])
 
 
 def resume(cfg: TrainConfig, run: Training, accelerator) -> int:
@@ -430,7 +430,7 @@ def resume(cfg: TrainConfig, run: Training, accelerator) -> int:
     saved = ckpt.read_trainer_state(path)
     now = jsonable(cfg.fingerprint())
     # A setting newer than the checkpoint was at its default when the checkpoint ran.
-    then = jsonable(TrainConfig().fingerprint()) | DEFAULTS_BEFORE | saved.get("fingerprint", {})
+    then = jsonable(TrainConfig().fingerprint()) | UNRECORDED_SETTINGS | saved.get("fingerprint", {})
     diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
     if diff:
         raise CheckpointError(
