@@ -64,10 +64,12 @@ def test_demo_writes_report_with_both_curves(tmp_path, capsys):
     assert code == 0
     report = (out / "report.md").read_text()
     assert "| step | plain pck | LISA pck |" in report
+    assert "default loss weighting (x0)" in report
     assert (out / "convergence.png").stat().st_size > 1000
     results = json.loads((out / "results.json").read_text())
     for run in ("plain", "lisa"):
         steps = [v["step"] for v in results["runs"][run]["validation"]]
         assert steps == [1, 2]
+        assert results["runs"][run]["loss_weighting"] == "x0"
         assert (out / run / "validation" / "step-2.png").is_file()
     assert "plain pck" in capsys.readouterr().out

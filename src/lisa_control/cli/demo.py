@@ -117,6 +117,7 @@ def run_demo(args) -> dict:
             "validation": result.validation,
             "seconds": time.perf_counter() - t0,
             "final_loss": result.losses[-1]["diffusion_loss"] if result.losses else None,
+            "loss_weighting": cfg.loss_weighting,  # as the run resolved it
         }
     metric = _metric_name(args.task)
     preview = write_preview(out, args) if video else None
@@ -192,7 +193,9 @@ def write_report(out: Path, runs: dict, metric: str, args, preview: Path | None 
         "",
         f"Plain ControlNet and LISA (lambda {args.lisa_weight}) trained for {args.steps} steps "
         f"from the same main network, seed {args.seed}, batch {args.train_batch_size}, "
-        f"lr {args.learning_rate}; {metric} on {args.eval_conditions} held-out conditions, "
+        f"lr {args.learning_rate}, both with `lisa train`'s default loss weighting "
+        f"({runs['plain']['loss_weighting']}); {metric} on {args.eval_conditions} "
+        "held-out conditions, "
         f"{args.inference_steps} DPM-Solver steps.",
         "",
         f"| step | plain {metric} | LISA {metric} |",
