@@ -154,9 +154,12 @@ class Family:
         none: ``x0``, which reached plain ControlNet's fidelity sooner on every task and seed
         of BENCHMARKS.md's loss-weighting runs; ``none`` for latent flow in a family with its
         own recipe (``latent_flow_recipe``), which takes no second weighting."""
-        if self.latent_flow_recipe and name == "flow" and not model.is_pixel_space:
-            return "none"
-        return "x0"
+        return "none" if self.uses_own_flow_recipe(model, name) else "x0"
+
+    def uses_own_flow_recipe(self, model: MainModel, name: str) -> bool:
+        """Whether objective ``name`` on ``model`` is the family's own latent-flow loss
+        (``latent_flow_recipe``: diffusers' training scripts), which takes no loss weighting."""
+        return self.latent_flow_recipe and name == "flow" and not model.is_pixel_space
 
     # ------------------------------------------------------------------ inference
 

@@ -415,7 +415,7 @@ class FluxFamily(Family):
     ):
         """diffusers' train_controlnet_flux.py: the scheduler's static shift and a plain velocity
         loss (Flux's scheduler shifts dynamically only at inference)."""
-        if name == "flow" and not model.is_pixel_space:
+        if self.uses_own_flow_recipe(model, name):
             refuse_weighting(weighting)
             return PreconditionedFlowObjective(
                 shift=model.scheduler.config.shift,

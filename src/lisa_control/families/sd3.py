@@ -353,7 +353,7 @@ class SD3Family(Family):
         self, model: MainModel, name: str, timestep_sampler=None, weighting=None
     ):
         """Latent SD3 trains with diffusers' recipe and the scheduler's shift."""
-        if name == "flow" and not model.is_pixel_space:
+        if self.uses_own_flow_recipe(model, name):
             refuse_weighting(weighting)
             return PreconditionedFlowObjective.from_scheduler(model.scheduler)
         return super().training_objective(model, name, timestep_sampler, weighting)

@@ -69,10 +69,11 @@ def transformer_stack(*attributes: str):
 
 
 def refuse_weighting(weighting) -> None:
-    """Latent SD3 and Flux train with diffusers' own weighting schemes; a second weighting on top
-    would change their recipe silently."""
+    """Latent SD3, Flux and Wan VACE train with diffusers' own recipes; a second weighting on
+    top would change them silently."""
     if weighting is not None:
         raise ConfigError(
             f"--loss_weighting {weighting.name} applies to eps, v and pixel-space flow objectives; "
-            "latent SD3 and Flux models train with diffusers' weighting scheme. Drop the flag."
+            "latent SD3, Flux and Wan VACE models train with diffusers' weighting scheme (a plain "
+            "velocity loss for Flux and Wan). Drop the flag."
         )

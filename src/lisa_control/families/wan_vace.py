@@ -99,7 +99,7 @@ from ..core.objectives import PreconditionedFlowObjective
 from ..regularizers.token_decoders import VideoTokenScoreDecoder
 from .base import Family, MainModel
 from .loading import load_pipeline_parts
-from .transformer_layers import transformer_stack
+from .transformer_layers import refuse_weighting, transformer_stack
 
 # The transformer config keys that shape its VACE part; a side network carries them and must
 # agree with its main network on each.
@@ -676,12 +676,8 @@ class WanVACEFamily(Family):
         self, model: MainModel, name: str, timestep_sampler=None, weighting=None
     ):
         """Flux's recipe with the Wan scheduler's shift (see the module docstring)."""
-        if name == "flow" and not model.is_pixel_space:
-            if weighting is not None:
-                raise ConfigError(
-                    f"--loss_weighting {weighting.name} applies to eps, v and pixel-space flow "
-                    "objectives; Wan VACE trains with a plain velocity loss. Drop the flag."
-                )
+        if self.uses_own_flow_recipe(model, name):
+            refuse_weighting(weighting)
             return PreconditionedFlowObjective(
                 shift=flow_shift(model.scheduler),
                 num_timesteps=model.scheduler.config.num_train_timesteps,

@@ -121,6 +121,12 @@ def load_model(cfg: TrainConfig):
     )
 
 
+def data_resolution_multiple(model) -> int:
+    """The multiple a dataset checks its size against: the latent model's rule (VAE and
+    network down-sampling); 1 for pixel-space models, which check their size themselves."""
+    return 1 if model.vae is None else model.resolution_multiple
+
+
 def build_dataset(cfg: TrainConfig, model):
     """(dataset, resolution): a task's renders, an image folder / hub dataset, or for video
     models a video folder / hub dataset."""
@@ -163,7 +169,7 @@ def build_dataset(cfg: TrainConfig, model):
         seed=cfg.seed or 0,
         max_samples=cfg.max_train_samples,
         dataset_config_name=cfg.dataset_config_name,
-        resolution_multiple=1 if model.vae is None else model.resolution_multiple,
+        resolution_multiple=data_resolution_multiple(model),
     )
     return dataset, resolution
 
@@ -196,7 +202,7 @@ def build_video_dataset(cfg: TrainConfig, model, resolution: int):
         seed=cfg.seed or 0,
         max_samples=cfg.max_train_samples,
         dataset_config_name=cfg.dataset_config_name,
-        resolution_multiple=1 if model.vae is None else model.resolution_multiple,
+        resolution_multiple=data_resolution_multiple(model),
     )
 
 
