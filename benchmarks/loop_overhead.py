@@ -8,6 +8,8 @@ are read back from the run's ``loss_log.jsonl`` (``step_seconds``) over the step
 ``--warmup``: their mean is the throughput (host and device overlap, so a single step's time
 is not meaningful when the loop does not wait for the device), their median is reported beside.
 Runs alternate between trees and repeat ``--repeats`` times, so drift of the machine hits all.
+Trees run with their own defaults: a tree that weights the diffusion loss in x0 space by default
+computes another loss than one that does not (the same step cost; the final losses then differ).
 
 GPU run (a few minutes):
 
