@@ -37,6 +37,13 @@ many rows get a prior), and model FLOPs utilisation against --peak-flops.
 A numerical check compares C's shared-encoder and batched prior, output and gradients with the
 full-pass reference on the GPU, in bf16.
 
+--rounds R builds every variant at once and times R interleaved rounds of --steps steps each,
+the order rotated per round, so that a slow drift of the GPU's clocks falls on every variant
+alike; the JSON then also holds each round's median per variant and the per-round ratios
+(``round_ratios``). --breakdown times alone the pieces LISA adds to a step (the prior's up path
+on B, B/2 and B/4 rows, the decoder's forward and backward on as many rows, the shared
+encoding for scale), in ``breakdown_ms``.
+
 GPU run (estimated 3-5 minutes on one H100, most of it building and copying the models):
 
     python benchmarks/step_time.py --out benchmarks/results/step_time.json
@@ -76,6 +83,7 @@ from lisa_control import (
     UNetControlNetBranch,
     make_objective,
 )
+from lisa_control.families import unet_split
 from lisa_control.training.compilation import compile_blocks
 from lisa_control.regularizers.decoders import ScoreDecoder
 from lisa_control.zoo.unet import SD21_BASE_UNET, tiny_unet
@@ -125,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=989e12,
         help="dense bf16 peak FLOP/s for MFU (H100 SXM: 989e12)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="build every variant at once and time them in this many interleaved rounds of "
+        "--steps steps each, the order rotated per round (1: one variant after another)",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time alone the pieces LISA adds to a step: the prior's up path on B, B/2 "
+        "and B/4 rows, the decoder's forward and backward, the shared encoding",
     )
     p.add_argument("--no-check", action="store_true", help="skip the numerical equality check")
     p.add_argument("--tiny", action="store_true", help="tiny UNet (smoke test)")
@@ -435,21 +456,8 @@ def count_flops(step: Callable, inputs) -> int:
     return counter.get_total_flops()
 
 
-def measure(
-    name: str, setup: Setup, args, batch_size: int, warmup: int, steps: int, flops_at: dict
-) -> dict:
-    device = setup.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    build_start = time.perf_counter()
-    variant = build_variant(name, setup, args)
-    dtype = variant.weight_dtype
-    inputs = setup.inputs(batch_size, dtype, channels_last=args.channels_last and name != "A")
-    resident_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    steps_start = time.perf_counter()
-    times, losses = time_steps(variant, inputs, device, warmup, steps)
-    steps_wall = time.perf_counter() - steps_start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+def run_record(name, variant, batch_size, times, losses, flops_at, inputs, args) -> dict:
+    """One variant's timing record; FLOPs are counted on its first batch size only."""
     # Every FLOP of a UNet step (weight gradients included) is per sample, so one count per
     # variant scales exactly to other batch sizes; counting is slow (Python per op).
     if name not in flops_at:
@@ -465,11 +473,6 @@ def measure(
         "min_s": min(times),
         "max_s": max(times),
         "step_times_s": times,
-        "build_s": steps_start - build_start,
-        "warmup_and_timed_wall_s": steps_wall,
-        "peak_memory_gib": None if peak is None else _gib(peak),
-        # Weights and inputs, before the first step allocates gradients and optimizer state.
-        "resident_after_build_gib": None if resident_bytes is None else _gib(resident_bytes),
         "flops_per_step": flops,  # executed FLOPs: recomputation under checkpointing counts
         "achieved_tflops": flops / median / 1e12,
         "mfu": flops / median / args.peak_flops,
@@ -478,16 +481,182 @@ def measure(
     }
     if isinstance(variant, ReferenceStep):
         run["grad_scaler_skipped_steps"] = variant.skipped_steps()
-    check = None
-    if name == "C" and not args.no_check and batch_size == min(args.batch_sizes):
-        check = equality_check(variant, setup, batch_size)
-    del variant, inputs
+    return run
+
+
+def _release(args, device) -> None:
     if args.compile:
-        torch._dynamo.reset()  # compiled code holds on to the variant's modules
+        torch._dynamo.reset()  # compiled code holds on to the variants' modules
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _wants_check(name: str, args, batch_size: int) -> bool:
+    return name == "C" and not args.no_check and batch_size == min(args.batch_sizes)
+
+
+def measure(
+    name: str, setup: Setup, args, batch_size: int, warmup: int, steps: int, flops_at: dict
+) -> dict:
+    device = setup.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    build_start = time.perf_counter()
+    variant = build_variant(name, setup, args)
+    dtype = variant.weight_dtype
+    inputs = setup.inputs(batch_size, dtype, channels_last=args.channels_last and name != "A")
+    resident_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    steps_start = time.perf_counter()
+    times, losses = time_steps(variant, inputs, device, warmup, steps)
+    steps_wall = time.perf_counter() - steps_start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    run = run_record(name, variant, batch_size, times, losses, flops_at, inputs, args)
+    run |= {
+        "build_s": steps_start - build_start,
+        "warmup_and_timed_wall_s": steps_wall,
+        "peak_memory_gib": None if peak is None else _gib(peak),
+        # Weights and inputs, before the first step allocates gradients and optimizer state.
+        "resident_after_build_gib": None if resident_bytes is None else _gib(resident_bytes),
+    }
+    check = equality_check(variant, setup, batch_size) if _wants_check(name, args, batch_size) else None
+    del variant, inputs
+    _release(args, device)
     return run, check
+
+
+def measure_interleaved(
+    names: list[str], setup: Setup, args, batch_size: int, warmup: int, steps: int, flops_at: dict
+) -> tuple[list[dict], dict | None]:
+    """Every variant built at once, warmed up, then ``args.rounds`` rounds of ``steps`` timed
+    steps of each, the order rotated by one each round.
+
+    Timing variants one after another lets a slow drift of the GPU's clocks (heat, power
+    capping) fall on whichever runs last; interleaved rounds spread it over all of them, and
+    the per-round medians show how large it is. A variant's peak memory is its own: the memory
+    the variants built before it hold is taken off (``peak - allocated before its build``), and
+    the setup's baseline put back, which is what the one-after-another mode measures.
+    """
+    device = setup.device
+    cuda = device.type == "cuda"
+    baseline = torch.cuda.memory_allocated(device) if cuda else 0
+    built = {}
+    for name in names:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        build_start = time.perf_counter()
+        variant = build_variant(name, setup, args)
+        channels_last = args.channels_last and name != "A"
+        inputs = setup.inputs(batch_size, variant.weight_dtype, channels_last=channels_last)
+        resident = torch.cuda.memory_allocated(device) - before + baseline if cuda else None
+        _, losses = time_steps(variant, inputs, device, warmup, 0)
+        peak = torch.cuda.max_memory_allocated(device) - before + baseline if cuda else None
+        built[name] = {
+            "variant": variant,
+            "inputs": inputs,
+            "losses": list(losses),
+            "times": [],
+            "round_medians_s": [],
+            "build_and_warmup_s": time.perf_counter() - build_start,
+            "peak": peak,
+            "resident": resident,
+        }
+    for r in range(args.rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            entry = built[name]
+            times, losses = time_steps(entry["variant"], entry["inputs"], device, 0, steps)
+            entry["times"] += times
+            entry["losses"] += losses
+            entry["round_medians_s"].append(statistics.median(times))
+    runs, check = [], None
+    for name in names:
+        entry = built.pop(name)
+        variant, inputs = entry["variant"], entry["inputs"]
+        run = run_record(
+            name, variant, batch_size, entry["times"], entry["losses"], flops_at, inputs, args
+        )
+        run |= {
+            "round_medians_s": entry["round_medians_s"],
+            "build_and_warmup_s": entry["build_and_warmup_s"],
+            "peak_memory_gib": None if entry["peak"] is None else _gib(entry["peak"]),
+            "resident_after_build_gib": (
+                None if entry["resident"] is None else _gib(entry["resident"])
+            ),
+        }
+        runs.append(run)
+        if _wants_check(name, args, batch_size):
+            check = equality_check(variant, setup, batch_size)
+        del variant, inputs, entry
+        _release(args, device)
+    return runs, check
+
+
+def _median_ms(fn: Callable, device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def breakdown(setup: Setup, args, batch_size: int, repeats: int = 10) -> dict:
+    """Milliseconds of each piece LISA adds to a plain step, timed alone on a C variant
+    (median of ``repeats`` calls, the step's autocast):
+
+    * ``encode``: the main network's down path, which B and C share (for scale);
+    * ``prior_rows_k``: the prior, the main network's mid and up path without residuals under
+      no_grad, on k = B, ceil(B/2), ceil(B/4) rows of one encoding;
+    * ``decoder_rows_k``: the LISA decoder's forward and backward on the hooked feature of k
+      rows (a feature that requires grad, as the side network's does).
+    """
+    device = setup.device
+    variant = build_variant("C", setup, args)
+    latents, text, condition = setup.inputs(batch_size, variant.weight_dtype)
+    lisa = variant.step.regularizers[0]
+    unet = variant.step.branch.main_network
+    shapes = []
+    handle = lisa._hook.ref.module.register_forward_pre_hook(
+        lambda module, inputs: shapes.append(tuple(inputs[0].shape))
+    )
+    variant(latents, text, condition)
+    handle.remove()
+    g = torch.Generator(device).manual_seed(0)
+    timesteps = torch.randint(0, 1000, (batch_size,), generator=g, device=device)
+    noised = latents.to(unet.dtype)
+    result = {"feature_shape": list(shapes[-1])}
+    with autocast(device.type, variant.weight_dtype):
+        with torch.no_grad():
+            encoding = unet_split.encode(unet, noised, timesteps, encoder_hidden_states=text)
+        result["encode"] = _median_ms(
+            lambda: unet_split.encode(unet, noised, timesteps, encoder_hidden_states=text),
+            device,
+            repeats,
+        )
+        for k in sorted({batch_size, math.ceil(batch_size / 2), math.ceil(batch_size / 4)}):
+            rows = torch.arange(k, device=device)
+            part = encoding.select(rows)
+
+            @torch.no_grad()
+            def prior(part=part):
+                return unet_split.decode(unet, part)
+
+            result[f"prior_rows_{k}"] = _median_ms(prior, device, repeats)
+            feature = torch.randn(k, *shapes[-1][1:], device=device, requires_grad=True)
+
+            def decoder_step(feature=feature, t=timesteps[:k]):
+                lisa.decoder(feature, t).float().pow(2).mean().backward()
+
+            result[f"decoder_rows_{k}"] = _median_ms(decoder_step, device, repeats)
+    result["decoder_parameters"] = sum(p.numel() for p in lisa.decoder.parameters())
+    del variant, encoding
+    _release(args, device)
+    return result
 
 
 def equality_check(variant: LibraryStep, setup: Setup, batch_size: int) -> dict:
@@ -577,6 +746,9 @@ def print_table(result: dict) -> None:
         )
     for batch, ratios in result["ratios"].items():
         print(f"batch {batch}: " + "  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    for batch, ratios in result["round_ratios"].items():
+        cells = [f"{k} {statistics.median(v):.3f}" for k, v in ratios.items()]
+        print(f"batch {batch}, median of the rounds' ratios: " + "  ".join(cells))
 
 
 def main(argv=None) -> dict:
@@ -607,18 +779,31 @@ def run_benchmark(argv: list[str]) -> dict:
     started = time.perf_counter()
     setup = Setup(args)
     runs, check, flops_at = [], None, {}
+    pieces = {}
     for batch_size in args.batch_sizes:
-        for name in args.variants:
-            run, run_check = measure(name, setup, args, batch_size, warmup, steps, flops_at)
-            runs.append(run)
+        if args.rounds > 1:
+            measured, run_check = measure_interleaved(
+                list(args.variants), setup, args, batch_size, warmup, steps, flops_at
+            )
             check = check or run_check
+        else:
+            measured = []
+            for name in args.variants:
+                run, run_check = measure(name, setup, args, batch_size, warmup, steps, flops_at)
+                measured.append(run)
+                check = check or run_check
+        for run in measured:
+            runs.append(run)
             print(
-                f"{name:<12} batch {batch_size:>3}: {1e3 * run['median_s']:8.1f} ms/step",
+                f"{run['variant']:<12} batch {batch_size:>3}: {1e3 * run['median_s']:8.1f} ms/step",
                 flush=True,
             )
+        if args.breakdown:
+            pieces[str(batch_size)] = breakdown(setup, args, batch_size)
+            print(f"breakdown batch {batch_size}: {pieces[str(batch_size)]}", flush=True)
 
     median = {(r["variant"], r["batch_size"]): r["median_s"] for r in runs}
-    ratios = {}
+    ratios, round_ratios = {}, {}
     for batch_size in args.batch_sizes:
         pairs = [("C/B", "C", "B"), ("A/B", "A", "B"), ("A/C", "A", "C")]
         pairs += [("C_fullprior/B", "C_fullprior", "B"), ("C_batched/C", "C_batched", "C")]
@@ -628,6 +813,16 @@ def run_benchmark(argv: list[str]) -> dict:
             for label, num, den in pairs
             if (num, batch_size) in median and (den, batch_size) in median
         }
+        if args.rounds > 1:
+            # The ratio within each round, where both variants ran minutes apart at most.
+            per_round = {(r["variant"], batch_size): r["round_medians_s"] for r in runs
+                         if r["batch_size"] == batch_size}  # fmt: skip
+            round_ratios[str(batch_size)] = {
+                label: [a / b for a, b in zip(per_round[(num, batch_size)],
+                                              per_round[(den, batch_size)])]  # fmt: skip
+                for label, num, den in pairs
+                if (num, batch_size) in per_round and (den, batch_size) in per_round
+            }
 
     result = {
         "argv": [sys.argv[0], *argv],
@@ -656,6 +851,7 @@ def run_benchmark(argv: list[str]) -> dict:
             "text_context": [setup.text_length, setup.text_dim],
             "batch_sizes": args.batch_sizes,
             "timed_steps": steps,
+            "rounds": args.rounds,
             "warmup_steps": warmup,
             "reference_dtype": args.reference_dtype,
             "library_dtype": args.library_dtype,
@@ -669,6 +865,8 @@ def run_benchmark(argv: list[str]) -> dict:
         },
         "runs": runs,
         "ratios": ratios,
+        "round_ratios": round_ratios,
+        "breakdown_ms": pieces,
         "equality_check": check,
         "total_wall_s": time.perf_counter() - started,
     }

@@ -299,3 +299,31 @@ def test_step_time_benchmark_tiny_cpu_smoke(tmp_path, capsys):
     assert "C/B" in capsys.readouterr().out.strip().splitlines()[-1]
     # About 5 s on an idle 2-core CI runner; the bound only catches a smoke run gone full-size.
     assert elapsed < 60, f"the --tiny smoke run took {elapsed:.1f} s"
+
+
+def test_step_time_benchmark_interleaved_rounds_and_breakdown(tmp_path):
+    """``--rounds`` times every variant in each round (the per-round medians and ratios are
+    read back and agree with the step times), and ``--breakdown`` times the prior on B, B/2 and
+    B/4 rows and the decoder on the hooked feature's shape."""
+    benchmark = _load_benchmark_script()
+    out = tmp_path / "step_time.json"
+    argv = ["--tiny", "--device", "cpu", "--variants", "B", "C", "--batch-sizes", "4",
+            "--rounds", "3", "--steps", "2", "--breakdown", "--no-check", "--out", str(out)]  # fmt: skip
+    benchmark.main(argv)
+
+    result = json.loads(out.read_text())
+    runs = {r["variant"]: r for r in result["runs"]}
+    for run in runs.values():
+        assert len(run["step_times_s"]) == 6 and len(run["round_medians_s"]) == 3
+        first_round = sorted(run["step_times_s"][:2])
+        assert run["round_medians_s"][0] == pytest.approx(sum(first_round) / 2)
+    ratios = result["round_ratios"]["4"]["C/B"]
+    expected = [c / b for c, b in zip(runs["C"]["round_medians_s"], runs["B"]["round_medians_s"])]
+    assert ratios == pytest.approx(expected)
+    pieces = result["breakdown_ms"]["4"]
+    assert {"encode", "prior_rows_4", "prior_rows_2", "prior_rows_1"} <= set(pieces)
+    assert {"decoder_rows_4", "decoder_rows_2", "decoder_rows_1"} <= set(pieces)
+    assert all(pieces[k] > 0 for k in pieces if k.startswith(("prior", "decoder", "encode")))
+    # The tiny ControlNet's down_5 input: 32 channels at a quarter of the 8x8 latent.
+    assert pieces["feature_shape"] == [4, 32, 2, 2] and pieces["decoder_parameters"] > 0
+    assert result["config"]["rounds"] == 3
