@@ -84,8 +84,8 @@ from lisa_control import (
     make_objective,
 )
 from lisa_control.families import unet_split
-from lisa_control.training.compilation import compile_blocks
 from lisa_control.regularizers.decoders import ScoreDecoder
+from lisa_control.training.compilation import compile_blocks
 from lisa_control.zoo.unet import SD21_BASE_UNET, tiny_unet
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -519,7 +519,9 @@ def measure(
         # Weights and inputs, before the first step allocates gradients and optimizer state.
         "resident_after_build_gib": None if resident_bytes is None else _gib(resident_bytes),
     }
-    check = equality_check(variant, setup, batch_size) if _wants_check(name, args, batch_size) else None
+    check = None
+    if _wants_check(name, args, batch_size):
+        check = equality_check(variant, setup, batch_size)
     del variant, inputs
     _release(args, device)
     return run, check
@@ -818,8 +820,10 @@ def run_benchmark(argv: list[str]) -> dict:
             per_round = {(r["variant"], batch_size): r["round_medians_s"] for r in runs
                          if r["batch_size"] == batch_size}  # fmt: skip
             round_ratios[str(batch_size)] = {
-                label: [a / b for a, b in zip(per_round[(num, batch_size)],
-                                              per_round[(den, batch_size)])]  # fmt: skip
+                label: [
+                    a / b
+                    for a, b in zip(per_round[(num, batch_size)], per_round[(den, batch_size)])
+                ]  # fmt: skip
                 for label, num, den in pairs
                 if (num, batch_size) in per_round and (den, batch_size) in per_round
             }

@@ -307,8 +307,8 @@ def test_step_time_benchmark_interleaved_rounds_and_breakdown(tmp_path):
     B/4 rows and the decoder on the hooked feature's shape."""
     benchmark = _load_benchmark_script()
     out = tmp_path / "step_time.json"
-    argv = ["--tiny", "--device", "cpu", "--variants", "B", "C", "--batch-sizes", "4",
-            "--rounds", "3", "--steps", "2", "--breakdown", "--no-check", "--out", str(out)]  # fmt: skip
+    argv = ["--tiny", "--device", "cpu", "--variants", "B", "C", "--batch-sizes", "4", "--rounds",
+            "3", "--steps", "2", "--breakdown", "--no-check", "--out", str(out)]  # fmt: skip
     benchmark.main(argv)
 
     result = json.loads(out.read_text())
